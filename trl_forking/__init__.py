@@ -1,0 +1,21 @@
+"""trl-forking: forking-token reinforcement learning for Hugging Face TRL.
+
+Train only on the high-entropy minority of completion tokens ("Beyond the 80/20 Rule", arXiv 2506.01939), with a
+selection that is exact at any scale and independent of how the optimizer step is split across micro-batches,
+accumulation steps and ranks.
+"""
+
+from .entropy import token_entropies
+from .selection import SELECTIONS, entropy_quantiles, forking_mask, num_selected
+from .tiny_model import build_tiny_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SELECTIONS",
+    "build_tiny_model",
+    "entropy_quantiles",
+    "forking_mask",
+    "num_selected",
+    "token_entropies",
+]
