@@ -5,17 +5,23 @@ selection that is exact at any scale and independent of how the optimizer step i
 accumulation steps and ranks.
 """
 
+from .config import ForkingGRPOConfig
 from .entropy import token_entropies
+from .metrics import forking_metrics
 from .selection import SELECTIONS, entropy_quantiles, forking_mask, num_selected
 from .tiny_model import build_tiny_model
+from .trainer import ForkingGRPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForkingGRPOConfig",
+    "ForkingGRPOTrainer",
     "SELECTIONS",
     "build_tiny_model",
     "entropy_quantiles",
     "forking_mask",
+    "forking_metrics",
     "num_selected",
     "token_entropies",
 ]

@@ -248,8 +248,9 @@ def forking_mask(
     quantile = check_quantile(quantile)
     check_selection(selection)
     if entropies.shape != mask.shape:
-        raise ValueError(f"entropies and mask must have the same shape, got {tuple(entropies.shape)} and "
-                         f"{tuple(mask.shape)}.")
+        raise ValueError(
+            f"entropies and mask must have the same shape, got {tuple(entropies.shape)} and {tuple(mask.shape)}."
+        )
     valid = mask.bool()
     if selection == "all":
         return valid.clone()
@@ -272,9 +273,7 @@ def forking_mask(
     return out
 
 
-def entropy_quantiles(
-    entropies: torch.Tensor, mask: torch.Tensor, quantiles, group=None
-) -> torch.Tensor | None:
+def entropy_quantiles(entropies: torch.Tensor, mask: torch.Tensor, quantiles, group=None) -> torch.Tensor | None:
     """Returns the exact nearest-rank quantiles of the valid entropies, pooled over ``group``, as a float32 (Q,).
 
     The q-quantile is the ``max(1, ceil(q * N))``-th smallest of the N valid values (``torch.quantile`` with
