@@ -1,0 +1,80 @@
+"""The two charts of ``analyze``: the entropy histogram (log x axis) and the forking-token frequency chart.
+
+Both draw on a bare ``matplotlib.figure.Figure`` with the Agg canvas, so nothing touches pyplot's global state (safe
+in notebooks and without a display).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_entropy_histogram", "plot_forking_tokens"]
+
+DPI = 120
+
+
+def _save(figure: Figure, path: str) -> str:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    with warnings.catch_warnings():
+        # Byte-level tokens can be characters no installed font has; a missing glyph is drawn as a box, not an error.
+        warnings.simplefilter("ignore", UserWarning)
+        figure.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_entropy_histogram(
+    histogram: dict, path: str, threshold: float | None = None, rho: float | None = None, low: float | None = None
+) -> str:
+    """Returns ``path`` after drawing the histogram of ``stats.log_histogram`` there as a PNG (log x axis).
+
+    Bars are the share of tokens per bin; dashed lines mark the top-rho threshold and the ``low`` cut-off.
+    """
+    edges, counts = histogram["edges"], histogram["counts"]
+    total = max(sum(counts), 1)
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    if counts:
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        axes.bar(edges[:-1], [100 * c / total for c in counts], width=widths, align="edge", color="#4c72b0")
+    axes.set_xscale("log")
+    # Plain numbers ("0.01", "6.225") rather than mathtext powers, which are unreadable within a single decade.
+    axes.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    axes.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if threshold is not None and threshold > 0:
+        axes.axvline(threshold, color="#c44e52", linestyle="--", label=f"top-{rho:g} threshold = {threshold:.4g}")
+    if low is not None and edges and low >= edges[0]:
+        axes.axvline(low, color="gray", linestyle=":", label=f"H = {low:g}")
+    axes.set_xlabel("token entropy H (nats, log scale)")
+    axes.set_ylabel("share of tokens (%)")
+    axes.set_title(f"Token entropy of {sum(counts):,} completion tokens")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="upper left")
+    return _save(figure, path)
+
+
+def plot_forking_tokens(table: list[dict], path: str, rho: float | None = None) -> str:
+    """Returns ``path`` after drawing the forking-token table (``stats.forking_token_table`` rows with a ``token``
+    field) as a horizontal bar chart of counts, each bar labelled with its mean entropy."""
+    figure = Figure(figsize=(7, max(2.5, 0.32 * len(table) + 1.2)))
+    axes = figure.add_subplot()
+    labels = [repr(row.get("token", row["token_id"])) for row in table][::-1]
+    counts = [row["count"] for row in table][::-1]
+    bars = axes.barh(range(len(table)), counts, color="#dd8452")
+    for bar, row in zip(bars, table[::-1], strict=True):
+        axes.annotate(
+            f" H={row['mean_entropy']:.2f}, {100 * row['share']:.1f}%",
+            (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+            va="center",
+            fontsize=8,
+        )
+    axes.set_yticks(range(len(table)), labels, fontfamily="monospace", fontsize=8)
+    axes.set_xlabel("times selected as a forking token")
+    axes.set_xlim(0, max(counts, default=1) * 1.35)
+    scope = f"top-{rho:g} " if rho is not None else ""
+    axes.set_title(f"Most frequent {scope}forking tokens")
+    return _save(figure, path)
