@@ -30,6 +30,8 @@ Selection = Literal["top", "bottom", "random", "all"]
 # Radix digits of the 32-bit key, most significant first: (shift, bits). Three rounds keep each histogram small
 # (at most 2,048 counters, 16 KiB) while the candidate set shrinks after the first round.
 RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))
+# rho * N is shrunk by this factor before the ceiling, to absorb the float error of the product.
+_CEIL_SHRINK = 1.0 - 1e-12
 
 
 def check_quantile(quantile: float, name: str = "quantile") -> float:
@@ -50,16 +52,17 @@ def num_selected(num_valid: int | torch.Tensor, quantile: float, selection: str 
     """Returns how many of ``num_valid`` tokens a selection keeps: ``k = ceil(rho * N)`` for "top" and "random",
     ``N - k`` for "bottom", ``N`` for "all".
 
-    ``num_valid`` may be an int or an integer tensor (elementwise). ``rho * N`` is rounded to 6 decimals before the
-    ceiling so that, e.g., ``0.2 * 10`` gives 2 and not 3 from a float error.
+    ``num_valid`` may be an int or an integer tensor (elementwise). ``rho * N`` is shrunk by a relative 1e-12 before
+    the ceiling so that ``0.2 * 10`` (2.0000000000000004 in floating point) gives 2, not 3, while any rho > 0 still
+    keeps at least one of N > 0 tokens.
     """
     check_selection(selection)
     if selection == "all":
         return num_valid
     if isinstance(num_valid, torch.Tensor):
-        k = torch.ceil(torch.round(num_valid.double() * quantile, decimals=6)).long()
+        k = torch.ceil(num_valid.double() * (quantile * _CEIL_SHRINK)).long()
     else:
-        k = math.ceil(round(num_valid * quantile, 6))
+        k = math.ceil(num_valid * quantile * _CEIL_SHRINK)
     return num_valid - k if selection == "bottom" else k
 
 
