@@ -13,7 +13,7 @@ import random
 __all__ = ["DEFAULT_TINY_MODEL_DIR", "build_tiny_model", "math_corpus"]
 
 DEFAULT_TINY_MODEL_DIR = os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "trl-forking", "tiny-gpt2"
+    os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "trl-forking", "tiny-gpt2-v1"
 )
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 # Plain role markers: the tiny model has no chat training, the template only has to be valid and reversible.
@@ -101,6 +101,10 @@ def build_tiny_model(
         n_layer=num_layers,
         n_head=num_heads,
         n_positions=max_positions,
+        # Like Qwen3 and most current LLMs: no dropout, so two forwards over the same tokens agree.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         bos_token_id=hf_tokenizer.bos_token_id,
         eos_token_id=hf_tokenizer.eos_token_id,
         pad_token_id=hf_tokenizer.pad_token_id,
