@@ -12,14 +12,16 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_entropy_histogram", "plot_forking_tokens"]
+__all__ = ["plot_entropy_histogram", "plot_forking_tokens", "save_figure"]
 
 DPI = 120
 
 
-def _save(figure: Figure, path: str) -> str:
+def save_figure(figure: Figure, path: str, tight: bool = True) -> str:
+    """Returns ``path`` after saving ``figure`` there as a PNG (missing-glyph warnings silenced)."""
     FigureCanvasAgg(figure)
-    figure.tight_layout()
+    if tight:
+        figure.tight_layout()
     with warnings.catch_warnings():
         # Byte-level tokens can be characters no installed font has; a missing glyph is drawn as a box, not an error.
         warnings.simplefilter("ignore", UserWarning)
@@ -54,7 +56,7 @@ def plot_entropy_histogram(
     axes.set_title(f"Token entropy of {sum(counts):,} completion tokens")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="upper left")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_forking_tokens(table: list[dict], path: str, rho: float | None = None) -> str:
@@ -62,7 +64,8 @@ def plot_forking_tokens(table: list[dict], path: str, rho: float | None = None) 
     field) as a horizontal bar chart of counts, each bar labelled with its mean entropy."""
     figure = Figure(figsize=(7, max(2.5, 0.32 * len(table) + 1.2)))
     axes = figure.add_subplot()
-    labels = [repr(row.get("token", row["token_id"])) for row in table][::-1]
+    # A "$" pair would start matplotlib's mathtext; escaped, it prints as itself.
+    labels = [repr(row.get("token", row["token_id"])).replace("$", r"\$") for row in table][::-1]
     counts = [row["count"] for row in table][::-1]
     bars = axes.barh(range(len(table)), counts, color="#dd8452")
     for bar, row in zip(bars, table[::-1], strict=True):
@@ -77,4 +80,4 @@ def plot_forking_tokens(table: list[dict], path: str, rho: float | None = None) 
     axes.set_xlim(0, max(counts, default=1) * 1.35)
     scope = f"top-{rho:g} " if rho is not None else ""
     axes.set_title(f"Most frequent {scope}forking tokens")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -9,9 +9,9 @@ import torch
 
 from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
 from ..selection import check_quantile, forking_mask
-from .inputs import ensure_output_dir, read_inputs, write_jsonl
+from .inputs import ensure_output_dir, read_inputs
 from .plots import plot_entropy_histogram, plot_forking_tokens
-from .sampling import DEFAULT_MAX_NEW_TOKENS, ensure_model, sample_completions
+from .sampling import DEFAULT_MAX_NEW_TOKENS, ensure_model, obtain_records
 from .scoring import score_completions
 from .stats import DEFAULT_LOW_ENTROPY, DEFAULT_PERCENTILES, entropy_summary, forking_token_table, log_histogram
 from .tokens import token_strings
@@ -128,23 +128,22 @@ def analyze(
     model_name = model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
     model, tokenizer = ensure_model(model, tokenizer, device, dtype)
     files = {}
-    records = inputs.records
-    if records is None:
-        records = sample_completions(
-            model,
-            tokenizer,
-            inputs.prompts,
-            num_generations,
-            max_new_tokens,
-            temperature,
-            top_p,
-            batch_size,
-            chat_template,
-            seed,
-            progress,
-        )
+    if inputs.records is None:
         files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
-        write_jsonl(files["completions"], records)
+    records = obtain_records(
+        model,
+        tokenizer,
+        inputs,
+        files.get("completions"),
+        num_generations=num_generations,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        seed=seed,
+        progress=progress,
+    )
     scored = score_completions(model, tokenizer, records, temperature, batch_size, chat_template, progress)
     token_ids, entropies, mask = scored.padded()  # (B, T) each
     selected = forking_mask(entropies, mask, rho)  # (B, T)

@@ -7,14 +7,16 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import looks_like_path
+from .inputs import looks_like_path, write_jsonl
 
 __all__ = [
     "DTYPES",
     "encode_prompt",
     "ensure_model",
     "load_model",
+    "load_tokenizer",
     "max_positions",
+    "obtain_records",
     "resolve_device",
     "sample_completions",
 ]
@@ -34,34 +36,55 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
 
 
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
+def _first_line(error: Exception) -> str:
+    # The Hub client's messages run over several lines; the first one says what was not found.
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_tokenizer(name_or_path: str):
+    """Returns the tokenizer of a model directory or Hub model id, with a pad token (EOS when it has none).
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is a path that does not exist.
+        ValueError: the tokenizer cannot be loaded.
+    """
+    if not os.path.exists(name_or_path) and looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise ValueError(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", tokenizer=None):
     """Returns ``(model, tokenizer)``: a causal LM in eval mode on ``device`` and its tokenizer.
 
     Args:
         name_or_path: a local model directory or a Hub model id.
         device: "auto", "cpu", "cuda", "cuda:N".
         dtype: one of ``DTYPES`` ("auto" keeps the checkpoint's dtype).
+        tokenizer: an already loaded tokenizer (``load_tokenizer(name_or_path)`` when None).
 
     Raises:
         FileNotFoundError: ``name_or_path`` is a path that does not exist.
         ValueError: a bad ``dtype`` or ``device``, or the model cannot be loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     target = resolve_device(device)
-    if not os.path.exists(name_or_path) and looks_like_path(name_or_path):
-        raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
+    from transformers import AutoModelForCausalLM
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
     except OSError as error:
-        # The Hub client's messages run over several lines; the first one says what was not found.
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load model {name_or_path!r}: {first}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ValueError(f"cannot load model {name_or_path!r}: {_first_line(error)}") from None
     return model.to(target).eval(), tokenizer
 
 
@@ -162,7 +185,18 @@ def sample_completions(
 def ensure_model(model, tokenizer=None, device: str = "auto", dtype: str = "auto"):
     """Returns ``(model, tokenizer)``: loaded with ``load_model`` when ``model`` is a name or path, else as given."""
     if isinstance(model, str):
-        return load_model(model, device, dtype)
+        return load_model(model, device, dtype, tokenizer)
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a loaded model; pass tokenizer=...")
     return model, tokenizer
+
+
+def obtain_records(model, tokenizer, inputs, save_to: str | None = None, **sampling) -> list[dict]:
+    """Returns ``inputs.records``, or completions sampled from ``inputs.prompts`` with ``sample_completions(model,
+    tokenizer, prompts, **sampling)`` (then also written to the JSONL file ``save_to`` when given)."""
+    if inputs.records is not None:
+        return inputs.records
+    records = sample_completions(model, tokenizer, inputs.prompts, **sampling)
+    if save_to is not None:
+        write_jsonl(save_to, records)
+    return records

@@ -1,0 +1,213 @@
+"""The ``trl-forking`` command line: ``analyze``, ``render`` and ``overlap``, each a thin parser over
+``trl_forking.analysis``.
+
+Bad input (a missing model or file, an empty dataset, a malformed JSONL line, rho out of range, an unwritable output
+directory) ends with one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["build_parser", "main"]
+
+EXIT_INPUT_ERROR, EXIT_USAGE = 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _rho(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rho must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"rho must be in (0, 1], got {value:g}")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _common() -> argparse.ArgumentParser:
+    """Returns the options every subcommand shares: inputs, compute, sampling, rho and output."""
+    parent = _Parser(add_help=False)
+    inputs = parent.add_argument_group("input (one of)")
+    source = inputs.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--prompts", help="prompts to sample completions from: a JSONL file, a saved dataset directory or a Hub name"
+    )
+    source.add_argument("--completions", help="JSONL file of existing completions, one {prompt, completion} per line")
+    inputs.add_argument("--split", default="train", help="dataset split of --prompts (default: train)")
+    inputs.add_argument("--dataset-config", help="dataset configuration of --prompts")
+    inputs.add_argument("--prompt-column", help="column of --prompts holding the prompt (default: prompt/problem/...)")
+    inputs.add_argument("--num-samples", type=_positive(int), help="use the first N prompts or completions")
+    compute = parent.add_argument_group("compute")
+    compute.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    compute.add_argument("--batch-size", type=_positive(int), default=8, help="rows per forward (default: 8)")
+    compute.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sampling = parent.add_argument_group("sampling (with --prompts)")
+    sampling.add_argument(
+        "--temperature", type=_positive(float), default=1.0, help="sampling temperature and entropy T (default: 1)"
+    )
+    sampling.add_argument("--num-generations", type=_positive(int), default=1, help="completions per prompt")
+    sampling.add_argument("--max-new-tokens", type=_positive(int), default=256, help="completion length cap")
+    sampling.add_argument("--top-p", type=_rho, default=1.0, help="nucleus sampling (default: 1)")
+    sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sampling.add_argument("--chat-template", action="store_true", help="wrap string prompts in a chat user turn")
+    parent.add_argument("--rho", type=_rho, default=0.2, help="share of tokens that are forking tokens (default: 0.2)")
+    parent.add_argument("--output-dir", "-o", required=True, help="where to write the results")
+    return parent
+
+
+def _sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed}
+
+
+def _analyze(args) -> None:
+    from .analysis import analyze
+
+    analyze(
+        args.model,
+        args.output_dir,
+        prompts=args.prompts,
+        completions=args.completions,
+        rho=args.rho,
+        num_samples=args.num_samples,
+        num_generations=args.num_generations,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        prompt_column=args.prompt_column,
+        chat_template=args.chat_template,
+        top_tokens=args.top_tokens,
+        progress=not args.no_progress,
+        **_sampling(args),
+    )
+
+
+def _render(args) -> None:
+    from .analysis import render
+
+    files = render(
+        args.model,
+        args.output_dir,
+        completions=args.completions,
+        prompts=args.prompts,
+        indices=args.index,
+        rho=args.rho,
+        per_sequence=args.per_sequence,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        chat_template=args.chat_template,
+        width=args.width,
+        progress=not args.no_progress,
+        num_generations=args.num_generations,
+        **_sampling(args),
+    )
+    print("wrote: " + ", ".join(files.values()))
+
+
+def _overlap(args) -> None:
+    from .analysis import overlap
+
+    overlap(
+        args.model_a,
+        args.model_b,
+        args.output_dir,
+        completions=args.completions,
+        prompts=args.prompts,
+        rho=args.rho,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        chat_template=args.chat_template,
+        progress=not args.no_progress,
+        num_generations=args.num_generations,
+        **_sampling(args),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the ``trl-forking`` argument parser."""
+    parser = _Parser(prog="trl-forking", description="Forking-token analysis (Beyond the 80/20 Rule).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{analyze,render,overlap}")
+
+    analyze = commands.add_parser(
+        "analyze",
+        parents=[_common()],
+        help="entropy statistics, forking-token table and charts",
+        description="Write report.json, entropy_histogram.png and forking_tokens.png and print a summary.",
+    )
+    analyze.add_argument("--model", required=True, help="model directory or Hub name")
+    analyze.add_argument("--top-tokens", type=_positive(int), default=20, help="rows of the forking-token table")
+    analyze.set_defaults(run=_analyze)
+
+    render = commands.add_parser(
+        "render",
+        parents=[_common()],
+        help="HTML page and PNG of completions shaded by token entropy",
+        description="Write forking_tokens.html (standalone) and forking_tokens_render.png.",
+    )
+    render.add_argument("--model", required=True, help="model directory or Hub name")
+    render.add_argument("--index", type=int, nargs="+", help="0-based completions to render (default: all)")
+    render.add_argument("--per-sequence", action="store_true", help="mark the top-rho of each completion on its own")
+    render.add_argument("--width", type=_positive(int), default=100, help="characters per line in the PNG")
+    render.set_defaults(run=_render)
+
+    overlap = commands.add_parser(
+        "overlap",
+        parents=[_common()],
+        help="share of top-rho positions two models have in common, and entropy rank correlation",
+        description="Score the same completions with two models; write overlap.json and print a summary. "
+        "With --prompts, completions are sampled from model A.",
+    )
+    overlap.add_argument("--model-a", required=True, help="first model (e.g. the base model)")
+    overlap.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
+    overlap.set_defaults(run=_overlap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit status after running the subcommand in ``argv`` (``sys.argv[1:]`` when None)."""
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        # Input problems are reported, not traced: the message already names the file, line or value.
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"trl-forking: error: {message}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("trl-forking: interrupted", file=sys.stderr)
+        return 130
+    return 0
