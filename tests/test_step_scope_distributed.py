@@ -1,0 +1,95 @@
+"""Scope "step" across world sizes: the trainer's generation-batch selection run on 1 and 2 gloo ranks."""
+
+import datetime
+import os
+import socket
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trl_forking.config import ForkingOptions
+from trl_forking.trainer import ForkingGRPOTrainer
+
+ROWS, COLS = 16, 7
+
+
+def make_rows():
+    """16 completions of up to 7 tokens with distinct entropies (no ties at any threshold) and ragged padding."""
+    generator = torch.Generator().manual_seed(11)
+    entropies = torch.randperm(ROWS * COLS, generator=generator).float().view(ROWS, COLS) / 10
+    lengths = torch.randint(1, COLS + 1, (ROWS,), generator=generator)
+    mask = (torch.arange(COLS) < lengths.unsqueeze(1)).long()
+    mask[3] = 0  # one completion fully masked (e.g. truncated with mask_truncated_completions)
+    return entropies, mask
+
+
+def stub_trainer(rows, world, rank, accumulation, group):
+    """The parts of ForkingGRPOTrainer that _select_generation_batch reads, with its real methods bound."""
+    stub = types.SimpleNamespace(
+        forking=ForkingOptions(top_entropy_quantile=0.2),
+        args=types.SimpleNamespace(steps_per_generation=accumulation, gradient_accumulation_steps=accumulation),
+        _step=0,
+        _forking_group=group,
+        forking_generator=torch.Generator().manual_seed(0),
+        _metrics={"train": defaultdict(list)},
+    )
+    for name in ("_select", "_log_forking_metrics"):
+        setattr(stub, name, getattr(ForkingGRPOTrainer, name).__get__(stub))
+    entropies, mask = rows
+    per_rank = ROWS // world
+    local = slice(rank * per_rank, (rank + 1) * per_rank)
+    row_ids = torch.arange(ROWS)[local]
+    slices = [
+        {"forking_entropies": e, "completion_mask": m, "row_ids": r}
+        for e, m, r in zip(
+            entropies[local].chunk(accumulation),
+            mask[local].chunk(accumulation),
+            row_ids.chunk(accumulation),
+            strict=True,
+        )
+    ]
+    ForkingGRPOTrainer._select_generation_batch(stub, slices)
+    selected = {int(r): s["forking_mask"][i] for s in slices for i, r in enumerate(s["row_ids"])}
+    step_selected = {int(s["forking_step_selected"]) for s in slices}
+    return selected, step_selected, dict(stub._metrics["train"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, accumulation, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        results[rank] = stub_trainer(make_rows(), world, rank, accumulation, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_step_scope_mask_is_independent_of_world_size_and_accumulation():
+    reference, reference_count, reference_metrics = stub_trainer(make_rows(), 1, 0, 1, None)
+    _, mask = make_rows()
+    assert reference_count == {-(-int(mask.sum()) // 5)}  # ceil(0.2 * N) over the whole step
+
+    accumulated, count, _ = stub_trainer(make_rows(), 1, 0, 4, None)
+    assert count == reference_count
+    assert all(torch.equal(accumulated[r], reference[r]) for r in reference)
+
+    results = mp.Manager().dict()
+    mp.start_processes(_worker, args=(2, _free_port(), 2, results), nprocs=2, start_method="spawn")
+    merged = {**results[0][0], **results[1][0]}
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[r], reference[r]) for r in reference)
+    assert results[0][1] == results[1][1] == reference_count
+    # Every rank logs the same, global, metrics as the single process.
+    for name, values in reference_metrics.items():
+        assert results[0][2][name] == pytest.approx(values, nan_ok=True)
+        assert results[1][2][name] == pytest.approx(values, nan_ok=True)
