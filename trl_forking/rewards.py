@@ -76,7 +76,7 @@ def extract_final_answer(text: str) -> str | None:
     lines = _ANSWER_LINE.findall(text)
     if not lines:
         return None
-    answer = lines[-1].strip().strip("$").strip().rstrip(".")
+    answer = lines[-1].rstrip(". ").strip().strip("$").strip()
     return answer or None
 
 
