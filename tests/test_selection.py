@@ -1,14 +1,12 @@
 """forking_mask and entropy_quantiles against naive references: sizes, ties, padding, rho edges, ranks."""
 
 import math
-import os
-import socket
 from fractions import Fraction
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from trl_forking import entropy_quantiles, forking_mask, num_selected
 from trl_forking.metrics import forking_metrics
@@ -229,29 +227,19 @@ def test_forking_metrics_match_naive_computation():
 # --- two processes (gloo) -------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _distributed_worker(rank, world, cases):
+    out = []
+    for entropies, mask, rho, selection in cases:
+        try:
+            got = forking_mask(entropies[rank], mask[rank], rho, selection, group=dist.group.WORLD)
+            quantiles = entropy_quantiles(entropies[rank], mask[rank], [0.5, 0.9], group=dist.group.WORLD)
+            out.append((got, quantiles))
+        except ValueError as error:
+            out.append(str(error))
+    return out
 
 
-def _distributed_worker(rank, world, port, cases, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        out = []
-        for entropies, mask, rho, selection in cases:
-            try:
-                got = forking_mask(entropies[rank], mask[rank], rho, selection, group=dist.group.WORLD)
-                quantiles = entropy_quantiles(entropies[rank], mask[rank], [0.5, 0.9], group=dist.group.WORLD)
-                out.append((got, quantiles))
-            except ValueError as error:
-                out.append(str(error))
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
-
-
+@pytest.mark.distributed
 def test_two_rank_mask_equals_single_process_mask_over_the_concatenation():
     generator = torch.Generator().manual_seed(7)
     cases = []
@@ -272,8 +260,7 @@ def test_two_rank_mask_equals_single_process_mask_over_the_concatenation():
     bad[1][0, 0] = float("nan")  # only rank 1 sees a NaN: both ranks must raise, neither may wait forever
     cases.append((bad, [torch.ones(2, 3), torch.ones(2, 3)], 0.2, "top"))
 
-    results = mp.Manager().dict()
-    mp.start_processes(_distributed_worker, args=(2, _free_port(), cases, results), nprocs=2, start_method="spawn")
+    results = run_on_ranks(_distributed_worker, 2, cases)
     for index, (entropies, masks, rho, selection) in enumerate(cases[:-1]):
         joined = naive_mask(torch.cat(entropies), torch.cat(masks), rho, selection)
         rows = entropies[0].size(0)

@@ -1,15 +1,12 @@
 """Scope "step" across world sizes: the trainer's generation-batch selection run on 1 and 2 gloo ranks."""
 
-import datetime
-import os
-import socket
 import types
 from collections import defaultdict
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_on_ranks
 
 from trl_forking.config import ForkingOptions
 from trl_forking.trainer import ForkingGRPOTrainer
@@ -58,19 +55,8 @@ def stub_trainer(rows, world, rank, accumulation, group):
     return selected, step_selected, dict(stub._metrics["train"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, accumulation, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        results[rank] = stub_trainer(make_rows(), world, rank, accumulation, dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, accumulation):
+    return stub_trainer(make_rows(), world, rank, accumulation, dist.group.WORLD)
 
 
 @pytest.mark.distributed
@@ -83,8 +69,7 @@ def test_step_scope_mask_is_independent_of_world_size_and_accumulation():
     assert count == reference_count
     assert all(torch.equal(accumulated[r], reference[r]) for r in reference)
 
-    results = mp.Manager().dict()
-    mp.start_processes(_worker, args=(2, _free_port(), 2, results), nprocs=2, start_method="spawn")
+    results = run_on_ranks(_worker, 2, 2)
     merged = {**results[0][0], **results[1][0]}
     assert merged.keys() == reference.keys()
     assert all(torch.equal(merged[r], reference[r]) for r in reference)
