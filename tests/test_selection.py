@@ -274,3 +274,16 @@ def test_two_rank_mask_equals_single_process_mask_over_the_concatenation():
         else:
             assert results[0][index][1] is None and results[1][index][1] is None
     assert "NaN or infinite" in results[0][-1] and "NaN or infinite" in results[1][-1]
+
+
+@pytest.mark.gpu
+def test_cuda_selection_equals_cpu_selection():
+    generator = torch.Generator().manual_seed(9)
+    entropies = torch.randint(0, 50, (64, 513), generator=generator).float() / 7
+    mask = (torch.rand(64, 513, generator=generator) > 0.1).int()
+    for selection in ["top", "bottom"]:
+        on_gpu = forking_mask(entropies.cuda(), mask.cuda(), 0.2, selection)
+        assert on_gpu.is_cuda
+        assert torch.equal(on_gpu.cpu(), forking_mask(entropies, mask, 0.2, selection))
+    quantiles = entropy_quantiles(entropies.cuda(), mask.cuda(), [0.5, 0.8])
+    assert torch.equal(quantiles.cpu(), entropy_quantiles(entropies, mask, [0.5, 0.8]))
