@@ -148,7 +148,7 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
     names, or a local file / folder with ``problem`` (or ``question``) and ``answer`` columns. The prompt is the
     problem in DAPO's instruction, so evaluation asks for answers the way training did.
     """
-    from datasets import concatenate_datasets
+    from datasets import Features, Value, concatenate_datasets
 
     spec = EVAL_SETS.get(name_or_path) or _EVAL_BY_HUB_NAME.get(name_or_path)
     if spec is not None:
@@ -180,7 +180,12 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
             "solution": answer,
         }
 
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+    text = Value("string")
+    # Explicit features: an integer ``id`` column (HuggingFaceH4/aime_2024) would otherwise keep its int type.
+    features = Features(
+        {"id": text, "problem": text, "answer": text, "prompt": [{"role": text, "content": text}], "solution": text}
+    )
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, features=features)
 
 
 def arithmetic_problems(num_problems: int = 400, seed: int = 0) -> list[dict[str, str]]:
