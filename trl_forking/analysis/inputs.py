@@ -116,7 +116,11 @@ def load_prompts(
     if os.path.isdir(source):
         import datasets
 
-        dataset = datasets.load_from_disk(source)
+        try:
+            dataset = datasets.load_from_disk(source)
+        except IndexError:
+            # A dataset saved with no rows has no data shards, and load_from_disk fails on the empty shard list.
+            raise ValueError(f"dataset {source} is empty") from None
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise ValueError(f"split {split!r} not in {source}; splits are {sorted(dataset)}")
