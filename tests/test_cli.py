@@ -1,0 +1,214 @@
+"""The trl-forking command line: each subcommand end to end on the tiny model, and one-line errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trl_forking.cli import main
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir, tmp_path_factory):
+    """Same architecture and tokenizer as the tiny model, weights from another seed."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    path = str(tmp_path_factory.mktemp("cli-seed1"))
+    torch.manual_seed(1)
+    GPT2LMHeadModel(AutoConfig.from_pretrained(tiny_model_dir)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli-prompts") / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {a + 3}?"}]} for a in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def analyzed(tiny_model_dir, prompts_file, tmp_path_factory):
+    """Output of `trl-forking analyze` sampling 2 completions for each of 3 prompts."""
+    out = tmp_path_factory.mktemp("cli-analyze")
+    argv = [
+        "analyze",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts_file,
+        "-o",
+        str(out),
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--rho",
+        "0.25",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_analyze_samples_then_writes_report_charts_and_completions(analyzed):
+    report = json.loads((analyzed / "report.json").read_text())
+    assert report["num_completions"] == 6 and report["summary"]["rho"] == 0.25
+    lines = (analyzed / "completions.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    for name in ("entropy_histogram.png", "forking_tokens.png"):
+        assert (analyzed / name).stat().st_size > 5_000
+
+
+def test_render_and_overlap_run_on_the_completions_analyze_wrote(
+    tiny_model_dir, other_model_dir, analyzed, tmp_path, capsys
+):
+    completions = str(analyzed / "completions.jsonl")
+    assert (
+        main(
+            [
+                "render",
+                "--model",
+                tiny_model_dir,
+                "--completions",
+                completions,
+                "--index",
+                "0",
+                "2",
+                "-o",
+                str(tmp_path / "r"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    page = (tmp_path / "r" / "forking_tokens.html").read_text()
+    assert page.count('<section class="completion">') == 2
+    assert (tmp_path / "r" / "forking_tokens_render.png").stat().st_size > 5_000
+    assert (
+        main(
+            [
+                "overlap",
+                "--model-a",
+                tiny_model_dir,
+                "--model-b",
+                other_model_dir,
+                "--completions",
+                completions,
+                "-o",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "o" / "overlap.json").read_text())
+    assert result["num_completions"] == 6 and 0.0 <= result["overlap"] < 1.0
+    assert "Spearman" in capsys.readouterr().out
+
+
+def bad_inputs(tmp_path, tiny_model_dir):
+    """(name, argv, text the error must contain) for each kind of bad input."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + '{"prompt": "a",\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = str(tmp_path / "out")
+    return [
+        (
+            "missing model",
+            ["analyze", "--model", str(tmp_path / "nope"), "--completions", str(good), "-o", out],
+            "model path does not exist",
+        ),
+        (
+            "missing overlap model",
+            ["overlap", "--model-a", tiny_model_dir, "--model-b", "./nope", "--completions", str(good), "-o", out],
+            "model path does not exist: ./nope",
+        ),
+        ("empty dataset", ["analyze", "--model", tiny_model_dir, "--prompts", str(empty), "-o", out], "is empty"),
+        (
+            "malformed line",
+            ["render", "--model", tiny_model_dir, "--completions", str(malformed), "-o", out],
+            "malformed.jsonl:2: malformed JSON",
+        ),
+        (
+            "missing completions",
+            ["analyze", "--model", tiny_model_dir, "--completions", str(tmp_path / "x.jsonl"), "-o", out],
+            "not found",
+        ),
+        (
+            "rho zero",
+            ["analyze", "--model", tiny_model_dir, "--completions", str(good), "-o", out, "--rho", "0"],
+            "rho must be in (0, 1]",
+        ),
+        (
+            "rho above one",
+            ["overlap", "--model-a", "a", "--model-b", "b", "--completions", str(good), "-o", out, "--rho", "1.5"],
+            "rho must be in (0, 1], got 1.5",
+        ),
+        (
+            "rho not a number",
+            ["render", "--model", "m", "--completions", str(good), "-o", out, "--rho", "x"],
+            "rho must be a number",
+        ),
+        (
+            "unwritable output",
+            ["analyze", "--model", tiny_model_dir, "--completions", str(good), "-o", str(blocker / "out")],
+            "cannot write to output directory",
+        ),
+        (
+            "both inputs",
+            ["analyze", "--model", "m", "--completions", str(good), "--prompts", str(good), "-o", out],
+            "not allowed with argument",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_input_exits_non_zero_with_one_line_on_stderr(case, tmp_path, tiny_model_dir, capsys):
+    name, argv, expected = bad_inputs(tmp_path, tiny_model_dir)[case]
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert status != 0, name
+    assert len(lines) == 1, f"{name}: {captured.err!r}"
+    assert lines[0].startswith("trl-forking") and expected in lines[0], name
+    assert not os.path.exists(tmp_path / "out" / "report.json")
+
+
+def test_module_entry_point_reports_a_missing_model_without_a_traceback(tmp_path):
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trl_forking",
+            "analyze",
+            "--model",
+            str(tmp_path / "missing"),
+            "--completions",
+            str(completions),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"trl-forking: error: model path does not exist: {tmp_path}/missing"
+    )
