@@ -6,7 +6,8 @@ of a process group, without gathering the entropies anywhere:
 
 1. each entropy becomes a 32-bit integer key whose order is the float order (``float_to_ordered_key``);
 2. a radix select finds the key of the k-th largest token with three ``all_reduce`` calls of fixed-size
-   histograms (2,049 + 2,048 + 1,024 counters per target, whatever N is);
+   histograms (2,048 + 2,048 + 1,024 counters per target, whatever N is); the data is streamed in chunks, read
+   once for the first histogram and once to keep the few keys that share the threshold's first digit;
 3. tokens strictly above that key are selected, and ties at the key are taken in global order (rank by rank,
    row-major within a rank) after one ``all_gather`` of one counter per rank.
 
@@ -30,6 +31,19 @@ Selection = Literal["top", "bottom", "random", "all"]
 # Radix digits of the 32-bit key, most significant first: (shift, bits). Three rounds keep each histogram small
 # (at most 2,048 counters, 16 KiB) while the candidate set shrinks after the first round.
 RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))
+# Tokens per chunk of the first-digit histogram, the only pass that computes a key per token. On CPU, 2**15 keeps
+# each int32 temporary (128 KiB) in L2 cache and at PyTorch's intra-op grain size, so a chunk runs on one thread:
+# the pass is memory-bound, and OpenMP hand-offs per chunk cost more than a second core saves.
+CPU_HISTOGRAM_CHUNK_SIZE = 2**15
+# Tokens per chunk of the comparison passes (and of the histogram on accelerators): caps their bool and int32
+# temporaries at 4 and 16 MiB whatever N is, while keeping the number of kernel launches small.
+SCAN_CHUNK_SIZE = 2**22
+# Key given to padding: the smallest int32. It lands in first-digit bin 0, which otherwise holds only -inf and
+# negative NaNs, so padding is subtracted from that bin before it could count as a selected or non-finite token.
+_PAD_KEY = -(2**31)
+# First-digit bins holding only non-finite floats: exponent all ones is the top 8 bits after the sign, so with the
+# first digit at shift 21 the 2**(23 - 21) lowest bins are -inf and negative NaNs and as many highest +inf and NaNs.
+_NONFINITE_BINS = 1 << (23 - RADIX_DIGITS[0][0])
 # rho * N is shrunk by this factor before the ceiling, to absorb the float error of the product.
 _CEIL_SHRINK = 1.0 - 1e-12
 
@@ -73,7 +87,10 @@ def float_to_ordered_key(values: torch.Tensor) -> torch.Tensor:
     that into two's-complement order. ``-0.0`` sorts just below ``+0.0``.
     """
     bits = values.float().contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = bits >> 31  # in place from here: one temporary instead of three
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
 
 
 def ordered_key_to_float(keys: torch.Tensor) -> torch.Tensor:
@@ -82,11 +99,37 @@ def ordered_key_to_float(keys: torch.Tensor) -> torch.Tensor:
     return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
-def _digit(keys: torch.Tensor, shift: int, bits: int, first: bool) -> torch.Tensor:
-    """Returns the radix digit of each key as a non-negative int64 (the top digit is offset to unsigned)."""
-    if first:
-        return (keys >> shift).long() + (1 << bits) // 2
-    return ((keys >> shift) & ((1 << bits) - 1)).long()
+def _key_float(key: int) -> float:
+    """Returns the float32 value (as a Python float) whose ordered key is ``key``."""
+    return float(ordered_key_to_float(torch.tensor([key], dtype=torch.int32))[0])
+
+
+def _in_key_range(values: torch.Tensor, low: int, high: int | None) -> torch.Tensor:
+    """Returns a bool mask of the ``values`` whose ordered key lies in [low, high) (no upper bound when None).
+
+    Floats compare in key order except that ``-0.0 == +0.0``, so when neither bound is a zero the comparison runs
+    on the floats directly (one op per bound, no key computation); otherwise on the keys. NaN is never in range.
+
+    Args:
+        values: (C,) float32 values.
+        low: smallest key in range, the key of a finite float.
+        high: first key out of range, or None.
+    """
+    bounds = [_key_float(low)] + ([] if high is None else [_key_float(high)])
+    if all(bound != 0.0 for bound in bounds):
+        inside = values >= bounds[0]
+        return inside if high is None else inside & (values < bounds[1])
+    keys = float_to_ordered_key(values)
+    inside = keys >= low
+    return inside if high is None else inside & (keys < high)
+
+
+def _scan(values: torch.Tensor, valid: torch.Tensor | None, chunk: int):
+    """Yields ``(start, piece, piece_valid)``: float32 slices of the (M,) ``values`` and of the (M,) bool ``valid``
+    (None when every position is valid), ``chunk`` tokens at a time."""
+    for start in range(0, values.numel(), chunk):
+        piece = values[start : start + chunk].float()
+        yield start, piece, None if valid is None else valid[start : start + chunk]
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -95,30 +138,62 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
-def _radix_select(keys: torch.Tensor, ranks_fn, group=None, nonfinite: int = 0):
-    """Returns ``(N, ks, threshold_keys, above, ties)`` for the k-th largest of ``keys`` over ``group``.
+def _pick_bin(hists: torch.Tensor, remaining: torch.Tensor):
+    """Returns ``(chosen, strictly_above, in_bin)``, each (Q,): the bin of each histogram row that holds the
+    ``remaining[q]``-th largest element, the count in higher bins and the count in that bin.
 
     Args:
-        keys: (M,) int32 local keys of the valid tokens.
+        hists: (Q, 2**bits) counts per digit, lowest digit first.
+        remaining: (Q,) 1-based ranks from the top, each at most the row's total.
+    """
+    count_ge = hists.flip(-1).cumsum(-1).flip(-1)  # count_ge[q, b]: elements whose digit is >= b
+    chosen = (count_ge >= remaining.unsqueeze(-1)).sum(-1) - 1
+    in_bin = hists.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    strictly_above = count_ge.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - in_bin
+    return chosen, strictly_above, in_bin
+
+
+def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, group=None):
+    """Returns ``(N, ks, threshold_keys, above, ties, local_ties)`` for the k-th largest valid value over ``group``.
+
+    Two streaming passes over the local data: (1) the first-digit histogram of the keys, in chunks of
+    ``CPU_HISTOGRAM_CHUNK_SIZE`` tokens on CPU (``SCAN_CHUNK_SIZE`` elsewhere), which also counts the non-finite
+    values (they have bins of their own); (2) the keys in the chosen first-digit bin are kept as candidates, usually
+    a few percent of the tokens. Rounds 2 and 3 read only the candidates.
+
+    Args:
+        values: (M,) float local values, flattened.
+        valid: (M,) bool, False at padding (ignored); None when all M are valid.
         ranks_fn: maps the global count N (int) to a LongTensor (Q,) of 1-based ranks ``k`` from the top, each in
             [1, N]; called only when N > 0.
-        group: process group over which the keys are pooled, or None for this process only.
-        nonfinite: number of local non-finite values, summed over the group in the first round so that every rank
-            raises together instead of leaving the others waiting in a collective.
+        group: process group over which the values are pooled, or None for this process only.
 
     Returns:
         N (int), ks (Q,), threshold keys (Q,) int64, ``above`` (Q,) the global count of keys strictly greater than the
-        threshold, and ``ties`` (Q,) the global count of keys equal to it. For N == 0 every tensor is empty.
+        threshold, ``ties`` (Q,) the global count of keys equal to it and ``local_ties`` (Q,) this rank's count. For
+        N == 0 every tensor is empty.
 
-    Communication: one all_reduce of 2,049 int64 then, per target, 2,048 and 1,024 int64; independent of N.
+    Raises:
+        ValueError: on every rank of the group together if any rank holds a valid NaN or infinite value.
+
+    Communication: one all_reduce of 2,048 int64 then, per target, 2,048 and 1,024 int64; independent of N.
     """
-    device = keys.device
+    device = values.device
     shift, bits = RADIX_DIGITS[0]
-    digits = _digit(keys, shift, bits, first=True)
-    hist = torch.bincount(digits, minlength=1 << bits)
-    hist = torch.cat([hist, torch.tensor([nonfinite], dtype=hist.dtype, device=device)])
+    offset = 1 << (bits - 1)  # makes the signed top digit a non-negative bin index
+    hist = torch.zeros(1 << bits, dtype=torch.long, device=device)
+    chunk = CPU_HISTOGRAM_CHUNK_SIZE if device.type == "cpu" else SCAN_CHUNK_SIZE
+    for _, piece, piece_valid in _scan(values, valid, chunk):
+        digits = float_to_ordered_key(piece)
+        if piece_valid is not None:
+            digits.masked_fill_(~piece_valid, _PAD_KEY)
+        digits >>= shift
+        digits += offset
+        hist += torch.bincount(digits, minlength=1 << bits)
+    if valid is not None:
+        hist[0] -= valid.numel() - valid.count_nonzero()
     hist = _all_reduce(hist, group)
-    bad, hist = int(hist[-1]), hist[:-1]
+    bad = int(hist[:_NONFINITE_BINS].sum() + hist[-_NONFINITE_BINS:].sum())
     if bad:
         raise ValueError(
             f"entropies contain {bad} NaN or infinite value(s) among the valid tokens (mask == 1); token entropies "
@@ -127,36 +202,39 @@ def _radix_select(keys: torch.Tensor, ranks_fn, group=None, nonfinite: int = 0):
     total = int(hist.sum())
     if total == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return 0, empty, empty, empty, empty
+        return 0, empty, empty, empty, empty, empty
     ks = ranks_fn(total).to(device)
-    num_targets = ks.numel()
+    chosen, above, in_bin = _pick_bin(hist.unsqueeze(0).expand(ks.numel(), -1), ks)
+    remaining = ks - above
+    prefix = chosen
 
-    remaining = ks.clone()
-    prefix = torch.zeros(num_targets, dtype=torch.long, device=device)
-    hists = hist.unsqueeze(0).expand(num_targets, -1)
-    candidates = [keys] * num_targets
-    above = torch.zeros(num_targets, dtype=torch.long, device=device)
-    for round_index, (shift, bits) in enumerate(RADIX_DIGITS):
-        if round_index > 0:
-            local = torch.stack(
-                [torch.bincount(_digit(c, shift, bits, first=False), minlength=1 << bits) for c in candidates]
-            )
-            hists = _all_reduce(local, group)
-        # count_ge[q, b]: number of candidates whose digit is >= b
-        count_ge = hists.flip(-1).cumsum(-1).flip(-1)
-        chosen = (count_ge >= remaining.unsqueeze(-1)).sum(-1) - 1  # (Q,) highest bin holding the k-th largest
-        in_bin = hists.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        strictly_above = count_ge.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - in_bin
+    # Pass 2: the candidates of each target are the local keys in its chosen first-digit bin (never padding: its
+    # bin holds only non-finite values, rejected above). Targets sharing a bin share one comparison.
+    first_digits = (chosen - offset).tolist()
+    parts = {digit: [torch.zeros(0, dtype=torch.int32, device=device)] for digit in first_digits}
+    for _, piece, piece_valid in _scan(values, valid, SCAN_CHUNK_SIZE):
+        for digit, found in parts.items():
+            inside = _in_key_range(piece, digit << shift, (digit + 1) << shift)
+            if piece_valid is not None:
+                inside &= piece_valid
+            found.append(float_to_ordered_key(piece[inside]))
+    pooled = {digit: torch.cat(found) for digit, found in parts.items()}
+    candidates = [pooled[digit] for digit in first_digits]
+
+    for round_index, (shift, bits) in enumerate(RADIX_DIGITS[1:], start=1):
+        digits = [(c >> shift) & ((1 << bits) - 1) for c in candidates]
+        local = torch.stack([torch.bincount(d, minlength=1 << bits) for d in digits])
+        hists = _all_reduce(local.clone(), group)
+        chosen, strictly_above, in_bin = _pick_bin(hists, remaining)
         remaining = remaining - strictly_above
         above = above + strictly_above
         prefix = (prefix << bits) | chosen
         if round_index + 1 < len(RADIX_DIGITS):
-            candidates = [
-                c[_digit(c, shift, bits, first=round_index == 0) == chosen[q]] for q, c in enumerate(candidates)
-            ]
+            candidates = [c[d == chosen[q]] for q, (c, d) in enumerate(zip(candidates, digits, strict=True))]
+    local_ties = local.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     # Undo the unsigned offset of the top digit to get back signed int32 keys.
     threshold = prefix - (1 << 31)
-    return total, ks, threshold, above, in_bin
+    return total, ks, threshold, above, in_bin, local_ties
 
 
 def _prefix_over_ranks(count: torch.Tensor, group) -> torch.Tensor:
@@ -170,30 +248,47 @@ def _prefix_over_ranks(count: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(counts[:rank]).sum(0) if rank > 0 else torch.zeros_like(count)
 
 
-def _top_k_keys(keys: torch.Tensor, k_fn, group=None, nonfinite: int = 0) -> torch.Tensor:
-    """Returns a (M,) bool mask of the global top-k of ``keys`` (k = ``k_fn(N)``), ties taken in global order."""
-    selected = torch.zeros_like(keys, dtype=torch.bool)
+def _top_k_mask(values: torch.Tensor, valid: torch.Tensor | None, k_fn, group=None) -> torch.Tensor:
+    """Returns a (M,) bool mask of the global top-k valid ``values`` (k = ``k_fn(N)``), ties taken in global order.
+
+    Memory: the M-byte result, temporaries of at most ``SCAN_CHUNK_SIZE`` tokens and the radix-select candidates.
+    """
+    selected = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
 
     def ranks_fn(total):
         return torch.tensor([max(k_fn(total), 1)], dtype=torch.long)
 
-    total, ks, threshold, above, ties = _radix_select(keys, ranks_fn, group, nonfinite)
+    total, _, threshold, above, ties, local_ties = _radix_select(values, valid, ranks_fn, group)
     if total == 0:
         return selected
     k = k_fn(total)
     if k <= 0:
         return selected
-    threshold = threshold[0].to(torch.int32)
-    selected = keys > threshold
+    threshold = int(threshold[0])
     take = k - int(above[0])  # ties at the threshold still to select, in 1..ties
-    is_tie = keys == threshold
-    if take >= int(ties[0]):
-        return selected | is_tie
-    # Decided from reduced counts only, so every rank enters this all_gather together.
-    local_ties = is_tie.sum().reshape(1)
-    before = _prefix_over_ranks(local_ties, group)
-    order = torch.cumsum(is_tie.long(), 0)  # 1-based position of each tie on this rank
-    return selected | (is_tie & (order + before <= take))
+    # All ties are taken unless they straddle k; decided from reduced counts, so every rank enters the all_gather.
+    quota = None
+    if take < int(ties[0]):
+        quota = take - int(_prefix_over_ranks(local_ties, group)[0])  # ties this rank takes, in row-major order
+    for start, piece, piece_valid in _scan(values, valid, SCAN_CHUNK_SIZE):
+        out = _in_key_range(piece, threshold if quota is None else threshold + 1, None)
+        if quota is not None and quota > 0:
+            is_tie = _in_key_range(piece, threshold, threshold + 1)
+            if piece_valid is not None:
+                is_tie &= piece_valid
+            positions = is_tie.nonzero().squeeze(1)  # ties are few unless many tokens share the threshold
+            out[positions[:quota]] = True
+            quota -= positions.numel()
+        if piece_valid is not None:
+            out &= piece_valid
+        selected[start : start + piece.numel()] = out
+    return selected
+
+
+def _flatten(entropies: torch.Tensor, valid: torch.Tensor):
+    """Returns ``(values, valid)`` flattened to (M,), ``valid`` None when nothing is padded (passes skip the mask)."""
+    valid = valid.reshape(-1)
+    return entropies.detach().reshape(-1), (None if int(valid.count_nonzero()) == valid.numel() else valid)
 
 
 def _per_sequence_top(scores: torch.Tensor, valid: torch.Tensor, quantile: float, selection: str) -> torch.Tensor:
@@ -245,8 +340,12 @@ def forking_mask(
         ValueError: on a bad ``quantile`` or ``selection``, mismatched shapes, or a NaN/inf entropy at a valid
             position (raised on every rank of the group, so no rank is left waiting).
 
-    Communication with a group: three all_reduce calls of at most 2,049 int64 and, only when ties straddle the
+    Communication with a group: three all_reduce calls of at most 2,048 int64 and, only when ties straddle the
     threshold, one all_gather of one int64 per rank; nothing grows with N.
+
+    Cost (not for ``per_sequence``, which sorts each row): three streaming passes over the entropies, in chunks of
+    at most ``SCAN_CHUNK_SIZE`` tokens; extra memory is the (B, T) result, chunk-sized temporaries and the keys that
+    share the threshold's top 11 bits (usually a few percent of the tokens; all of them if all are equal).
     """
     quantile = check_quantile(quantile)
     check_selection(selection)
@@ -257,23 +356,24 @@ def forking_mask(
     valid = mask.bool()
     if selection == "all":
         return valid.clone()
-    values = entropies.detach()[valid].float()
-    nonfinite = int((~torch.isfinite(values)).sum())
     if per_sequence:
+        nonfinite = int((~torch.isfinite(entropies.detach()) & valid).sum())
         if nonfinite:
             raise ValueError(f"entropies contain {nonfinite} NaN or infinite value(s) among the valid tokens.")
         scores = entropies.detach().float()
         if selection == "random":
             scores = torch.rand(scores.shape, generator=generator).to(scores.device)
         return _per_sequence_top(scores, valid, quantile, selection)
+    values, flat_valid = _flatten(entropies, valid)
     if selection == "random":
-        values = torch.rand(values.shape, generator=generator).to(values.device)
-    keys = float_to_ordered_key(values)
-    top = _top_k_keys(keys, lambda n: num_selected(n, quantile, "top"), group, nonfinite)
-    chosen = ~top if selection == "bottom" else top
-    out = torch.zeros_like(valid)
-    out[valid] = chosen
-    return out
+        # One draw per valid token, in row-major order: the same scores whatever the padding layout.
+        scores = torch.rand(int(valid.count_nonzero()), generator=generator).to(values.device)
+        values = torch.zeros(values.shape, device=values.device)
+        values[valid.reshape(-1)] = scores
+    top = _top_k_mask(values, flat_valid, lambda n: num_selected(n, quantile, "top"), group)
+    if selection == "bottom":
+        top = ~top if flat_valid is None else flat_valid & ~top
+    return top.view(valid.shape)
 
 
 def entropy_quantiles(entropies: torch.Tensor, mask: torch.Tensor, quantiles, group=None) -> torch.Tensor | None:
@@ -288,20 +388,18 @@ def entropy_quantiles(entropies: torch.Tensor, mask: torch.Tensor, quantiles, gr
         quantiles: sequence of Q floats in [0, 1].
         group: process group to pool over, or None.
 
-    Communication: three all_reduce calls, of at most 2,049 * Q int64; independent of N.
+    Communication: three all_reduce calls, of at most 2,048 * Q int64; independent of N.
     """
     qs = torch.as_tensor(list(quantiles), dtype=torch.float64)
     if ((qs < 0) | (qs > 1)).any():
         raise ValueError(f"quantiles must lie in [0, 1], got {qs.tolist()}.")
-    values = entropies.detach()[mask.bool()].float()
-    nonfinite = int((~torch.isfinite(values)).sum())
-    keys = float_to_ordered_key(values)
+    values, valid = _flatten(entropies, mask.bool())
 
     def ranks_fn(total):
         from_bottom = torch.ceil(torch.round(qs * total, decimals=6)).long().clamp(min=1, max=total)
         return total - from_bottom + 1  # rank from the top
 
-    total, _, threshold, _, _ = _radix_select(keys, ranks_fn, group, nonfinite)
+    total, _, threshold, _, _, _ = _radix_select(values, valid, ranks_fn, group)
     if total == 0:
         return None
     return ordered_key_to_float(threshold).to(entropies.device)
