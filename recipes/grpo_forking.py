@@ -75,7 +75,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         **(training_args.model_init_kwargs or {}),
     }
     with training_args.main_process_first(desc="preparing the dataset"):
-        dataset = load_train_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+        dataset = load_train_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+        )
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     reward_funcs = get_reward_funcs(
@@ -89,12 +91,17 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
     )
+    state = trainer.accelerator.state
+    zero = f" ZeRO-{state.deepspeed_plugin.zero_stage}" if state.deepspeed_plugin else ""
+    trainer.accelerator.print(f"Training on {state.num_processes} process(es): {state.distributed_type}{zero}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: every logged metric, forking/* included
 
     output_dir = os.path.abspath(training_args.output_dir)
-    last = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k.startswith(("forking/", "reward"))}
+    last = {
+        k: v for entry in trainer.state.log_history for k, v in entry.items() if k.startswith(("forking/", "reward"))
+    }
     for name in sorted(last):
         trainer.accelerator.print(f"  {name:40s} {last[name]:.4g}")
     if training_args.push_to_hub:

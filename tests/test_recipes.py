@@ -1,0 +1,297 @@
+"""Recipes: every YAML parses into the right dataclasses with the paper's settings, the launcher configs load with
+accelerate's own loader, the no-argument demo trains, and ZeRO-2 / ZeRO-3 launches train on CPU over gloo."""
+
+import functools
+import glob
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from trl import ModelConfig
+
+from trl_forking import ForkingGRPOConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "recipes", "grpo_forking.py")
+DEMO = os.path.join(ROOT, "recipes", "demo.yaml")
+QWEN_RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "qwen3-*", "*.yaml")))
+ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml")))
+# What each experiment file must select (PAPER.md: top 20%, all tokens, bottom 80%).
+SELECTION = {"forking_dapo.yaml": ("top", 0.2), "full_dapo.yaml": ("all", 1.0), "bottom80_dapo.yaml": ("bottom", 0.2)}
+
+
+@functools.cache
+def _script():
+    """Returns recipes/grpo_forking.py imported as a module (registered first: its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location("grpo_forking", SCRIPT)
+    module = sys.modules["grpo_forking"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse(*argv):
+    # bf16 false: the Qwen recipes ask for bf16, which transformers refuses on a machine without a GPU.
+    return _script().make_parser().parse_args_and_config([*argv, "--bf16", "false"])
+
+
+def test_there_are_three_experiments_for_each_qwen3_size():
+    names = {os.path.relpath(p, os.path.join(ROOT, "recipes")) for p in QWEN_RECIPES}
+    assert names == {f"qwen3-{size}/{exp}" for size in ("8b", "14b", "32b") for exp in SELECTION}
+
+
+@pytest.mark.parametrize("path", QWEN_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_qwen_recipe_parses_with_the_paper_settings(path):
+    script_args, args, model_args = _parse("--config", path)
+    assert type(script_args).__name__ == "ForkingScriptArguments"
+    assert type(args) is ForkingGRPOConfig and type(model_args) is ModelConfig
+    assert (args.forking_selection, args.top_entropy_quantile) == SELECTION[os.path.basename(path)]
+    assert args.forking_scope == "step" and args.forking_loss_normalization == "selected"
+    assert (args.loss_type, args.epsilon, args.epsilon_high, args.beta) == ("dapo", 0.2, 0.28, 0.0)
+    assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.max_grad_norm) == (1e-6, 10, 0.1, 1.0)
+    assert (args.num_generations, args.temperature, args.top_p, args.max_completion_length) == (16, 1.0, 1.0, 20480)
+    assert (args.use_vllm, args.vllm_mode) == (True, "server")
+    assert script_args.reward_funcs == ["dapo_accuracy"] and script_args.overlong_buffer == 4096
+    assert script_args.dataset_name == "BytedTsinghua-SIA/DAPO-Math-17k"
+    assert model_args.model_name_or_path.startswith("Qwen/Qwen3-")
+    # The batch arithmetic must hold for the rank count the header states: 512 completions (32 prompts x 16) per
+    # optimizer step, 8,192 (512 prompts x 16) per rollout, so 16 optimizer steps per rollout.
+    ranks = int(re.search(r"= (\d+) ranks", open(path).read()).group(1))
+    per_step = args.per_device_train_batch_size * ranks * args.gradient_accumulation_steps
+    assert per_step == 512
+    assert args.per_device_train_batch_size * ranks * args.steps_per_generation == 512 * 16
+    assert args.steps_per_generation // args.gradient_accumulation_steps == 16
+
+
+def test_demo_recipe_parses_into_a_cpu_run():
+    script_args, args, model_args = _parse("--config", DEMO)
+    assert model_args.model_name_or_path is None and script_args.dataset_name is None  # tiny model, bundled set
+    assert (args.forking_selection, args.top_entropy_quantile, args.bf16) == ("top", 0.2, False)
+    assert script_args.reward_funcs == ["math_accuracy", "numeric_closeness"]
+
+
+def test_command_line_flags_override_the_yaml():
+    script_args, args, _ = _parse("--config", QWEN_RECIPES[0], "--learning_rate", "3e-6", "--overlong_buffer", "0")
+    assert args.learning_rate == 3e-6 and script_args.overlong_buffer == 0
+
+
+def test_a_misspelt_key_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(DEMO).read() + "\nlearning_rat: 1.0e-6\n")
+    with pytest.raises(ValueError, match="Unknown arguments from config file: .*learning_rat"):
+        _parse("--config", str(bad))
+
+
+def test_a_bad_forking_value_names_the_field_the_value_and_the_choices(tmp_path, capsys):
+    allowed = r"\['step', 'micro_batch', 'local', 'sequence'\]"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(DEMO).read().replace("forking_scope: step", "forking_scope: batch"))
+    with pytest.raises(ValueError, match=f"forking_scope must be one of {allowed}, got 'batch'"):
+        _parse("--config", str(bad))
+    with pytest.raises(SystemExit):  # on the command line argparse checks the choices itself
+        _parse("--config", DEMO, "--forking_scope", "batch")
+    assert "invalid choice: 'batch' (choose from 'step', 'micro_batch', 'local', 'sequence')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
+def test_accelerate_config_loads_with_accelerates_loader(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(path)
+    expected = {"ddp.yaml": ("MULTI_GPU", None), "zero2.yaml": ("DEEPSPEED", 2)}.get(
+        os.path.basename(path), ("DEEPSPEED", 3)
+    )
+    assert (config.distributed_type.value, config.deepspeed_config.get("zero_stage")) == expected
+    assert (config.num_processes, config.num_machines, config.mixed_precision) == (8, 1, "bf16")
+    offload = os.path.basename(path) == "zero3_offload.yaml"
+    assert (config.deepspeed_config.get("offload_optimizer_device") == "cpu") == offload
+
+
+def test_a_misspelt_accelerate_key_fails(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(ACCELERATE_CONFIGS[0]).read().replace("num_machines:", "num_machine:"))
+    with pytest.raises(ValueError, match=r"unknown keys \(\['num_machine'\]\)"):
+        load_config_from_file(str(bad))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _changed_parameters(before_dir: str, after_dir: str) -> dict[str, bool]:
+    """Returns, per parameter of the reloaded models, whether training changed it (tied weights counted once)."""
+    from transformers import AutoModelForCausalLM
+
+    before = dict(AutoModelForCausalLM.from_pretrained(before_dir).named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(after_dir).named_parameters())
+    assert before.keys() == after.keys()
+    return {name: not torch.equal(before[name], after[name]) for name in before}
+
+
+def _check_trained(output_dir: str, initial_model_dir: str, stdout: str) -> list[dict]:
+    """Asserts the run saved a reloadable, changed model and logged forking metrics; returns the log history."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert stdout.strip().splitlines()[-1] == (
+        f"Trained model, tokenizer and metrics (trainer_state.json) saved in {output_dir}"
+    )
+    changed = _changed_parameters(initial_model_dir, output_dir)
+    assert all(changed.values()), [name for name, c in changed.items() if not c]
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert model.generate(**tokenizer("What is 2 + 3?", return_tensors="pt"), max_new_tokens=4).shape[1] > 4
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    steps = [entry for entry in history if "forking/selected_fraction" in entry]
+    assert steps
+    for entry in steps:
+        # Exactly ceil(0.2 * N) of the step's N completion tokens: a hair above 20%.
+        assert 0.2 <= entry["forking/selected_fraction"] < 0.21
+        assert entry["forking/entropy_selected_mean"] >= entry["forking/threshold"] >= entry["forking/entropy_p50"]
+    return steps
+
+
+@pytest.mark.slow
+def test_the_no_argument_demo_trains_and_says_where_its_output_is(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Training on 1 process(es)" in done.stdout
+    (tiny_model,) = glob.glob(str(tmp_path / "cache" / "trl-forking" / "*"))  # built by the demo itself
+    steps = _check_trained(str(tmp_path / "outputs" / "forking-demo"), tiny_model, done.stdout)
+    assert len(steps) == 10  # 100 steps, logged every 10
+    # Training moved the policy: the near-uniform random model (entropy ln 512 = 6.24) sharpens a lot,
+    assert steps[-1]["entropy"] < steps[0]["entropy"] - 1.0
+    # and the rewards varied inside groups, so GRPO had non-zero advantages to learn from.
+    assert all(entry["frac_reward_zero_std"] < 1.0 for entry in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_launch_on_two_cpu_processes_trains(tmp_path, tiny_model_dir, zero_stage):
+    output_dir = str(tmp_path / "out")
+    command = [
+        shutil.which("accelerate") or "accelerate",
+        "launch",
+        "--config_file",
+        os.path.join(ROOT, "recipes", "accelerate", f"zero{zero_stage}.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        SCRIPT,
+        "--config",
+        DEMO,
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Training on 2 process(es): DistributedType.DEEPSPEED ZeRO-{zero_stage}" in done.stdout
+    assert len(_check_trained(output_dir, tiny_model_dir, done.stdout)) == 3
+
+
+# --- recipes/eval_aime.py ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _eval_script():
+    """Returns recipes/eval_aime.py imported as a module."""
+    path = os.path.join(ROOT, "recipes", "eval_aime.py")
+    spec = importlib.util.spec_from_file_location("eval_aime", path)
+    module = sys.modules["eval_aime"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(4, 1, 2), (10, 3, 1), (5, 0, 3), (5, 3, 3), (6, 2, 3), (7, 7, 4), (8, 1, 8)]
+)
+def test_pass_at_k_equals_the_share_of_k_subsets_with_a_correct_sample(n, c, k):
+    # Naive reference: enumerate every k-subset of n samples of which the first c are correct.
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+    assert _eval_script().pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_score_problem_and_summary_by_hand():
+    module = _eval_script()
+    completions = ["\\boxed{204}", "so...\nAnswer: 204", "\\boxed{1}", ""]
+    row = module.score_problem(completions, "204", [1, 2, 4])
+    assert row["correct"] == [True, True, False, False] and row["accuracy"] == 0.5
+    # pass@2 = 1 - C(2, 2) / C(4, 2) = 1 - 1/6
+    assert row["pass@k"] == {"1": 0.5, "2": pytest.approx(5 / 6), "4": 1.0}
+    unscored = module.score_problem(["\\boxed{1}"] * 4, "}{}{}{", [1])  # gold math-verify cannot parse
+    assert unscored["accuracy"] is None
+    summary = module.summarize(
+        [row, {**row, "accuracy": 1.0, "pass@k": {"1": 1.0, "2": 1.0, "4": 1.0}}, unscored], [1, 2, 4], 4
+    )
+    assert summary == {
+        "num_problems": 3,
+        "num_unscored": 1,
+        "avg@4": 0.75,
+        "pass@k": {"1": 0.75, "2": pytest.approx((5 / 6 + 1) / 2), "4": 1.0},
+    }
+
+
+def test_eval_arguments_errors_name_the_field():
+    module = _eval_script()
+    with pytest.raises(ValueError, match=r"k: \[64\] not allowed; each k must be in \[1, num_samples=32\]"):
+        module.EvalArguments(model_name_or_path="m", k=[1, 64])
+    with pytest.raises(ValueError, match=r"backend: 'sglang' is not allowed; use one of \['auto', 'vllm', 'trans"):
+        module.EvalArguments(model_name_or_path="m", backend="sglang")
+
+
+def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
+    module = _eval_script()
+    aime = tmp_path / "aime_2024.jsonl"  # HuggingFaceH4/aime_2024's columns
+    problems = [("Find 2+3.", "5"), ("Find 6*7.", "42"), ("Find 9-4.", "5")]
+    aime.write_text(
+        "".join(
+            json.dumps({"id": i, "problem": p, "solution": "", "answer": a}) + "\n" for i, (p, a) in enumerate(problems)
+        )
+    )
+    args = module.EvalArguments(
+        model_name_or_path=tiny_model_dir,
+        datasets=[str(aime)],
+        num_samples=4,
+        k=[1, 2, 4],
+        max_new_tokens=8,
+        backend="transformers",
+        batch_size=3,  # 3 + 1: the last batch of a problem is smaller
+        output_dir=str(tmp_path / "eval"),
+    )
+    summary = module.main(args)[str(aime)]
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "aime_2024.jsonl")]
+    assert [(r["id"], r["answer"]) for r in rows] == [("0", "5"), ("1", "42"), ("2", "5")]
+    for row in rows:
+        assert len(row["completions"]) == 4 and len(row["correct"]) == 4
+        assert row["num_correct"] == sum(row["correct"])
+        assert row["pass@k"]["4"] == float(row["num_correct"] > 0)
+    assert summary["backend"] == "transformers" and summary["num_problems"] == 3
+    assert summary["avg@4"] == pytest.approx(sum(r["accuracy"] for r in rows) / 3)
+    assert json.load(open(tmp_path / "eval" / "aime_2024_summary.json"))["avg@4"] == summary["avg@4"]
