@@ -295,3 +295,40 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
     assert summary["backend"] == "transformers" and summary["num_problems"] == 3
     assert summary["avg@4"] == pytest.approx(sum(r["accuracy"] for r in rows) / 3)
     assert json.load(open(tmp_path / "eval" / "aime_2024_summary.json"))["avg@4"] == summary["avg@4"]
+
+
+# --- recipes/slurm/grpo_forking.slurm ------------------------------------------------------------------------------
+
+
+def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
+    # Fake scontrol / srun / curl record what the script would run on a 3-node allocation.
+    log = tmp_path / "srun.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "scontrol": "printf 'gpu-a\\ngpu-b\\ngpu-c\\n'",
+        "srun": f'echo "$@" >> {log}',
+        "curl": "exit 0",
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]"}
+    recipe = "recipes/qwen3-14b/forking_dapo.yaml"
+    done = subprocess.run(
+        ["bash", "recipes/slurm/grpo_forking.slurm", recipe, "zero3", "--max_steps", "5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    serve, train = log.read_text().split("\n", 1)  # the training command spans lines
+    assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
+    assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
+    assert train.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
+    launch = " ".join(train.split())
+    assert "--config_file recipes/accelerate/zero3.yaml --num_machines 2 --num_processes 16" in launch
+    assert "--machine_rank $SLURM_PROCID --main_process_ip gpu-a --main_process_port 29500" in launch
+    assert f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5" in launch
