@@ -335,6 +335,32 @@ def test_analyze_samples_num_generations_completions_per_prompt(tiny, tmp_path):
     assert report["summary"]["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
 
 
+def test_string_prompts_sampled_through_the_chat_template_are_saved_as_conversations(tiny, tmp_path):
+    model, tokenizer = tiny
+    report = analyze(
+        model,
+        str(tmp_path),
+        prompts=["What is 2 + 2?"],
+        tokenizer=tokenizer,
+        chat_template=True,
+        max_new_tokens=8,
+        progress=False,
+        verbose=False,
+    )
+    (record,) = load_completions(report["files"]["completions"])
+    assert record["prompt"] == [{"role": "user", "content": "What is 2 + 2?"}]
+    # Re-scored without the flag, the saved file gives the same entropies as the report.
+    again = analyze(
+        model,
+        str(tmp_path / "again"),
+        completions=report["files"]["completions"],
+        tokenizer=tokenizer,
+        progress=False,
+        verbose=False,
+    )
+    assert again["summary"] == report["summary"]
+
+
 def test_render_html_holds_every_token_in_order_and_marks_the_top_rho(tiny, completions_file, tmp_path):
     model, tokenizer = tiny
     files = render(model, str(tmp_path), completions=completions_file, tokenizer=tokenizer, rho=0.2, progress=False)

@@ -48,7 +48,7 @@ _CSS = (
     ".legend { color: #555; }\n"
     ".prompt { color: #666; white-space: pre-wrap; font-family: monospace; border-left: 3px solid #ddd; "
     "padding-left: .5em; }\n"
-    ".tokens { white-space: pre-wrap; font-family: monospace; line-height: 1.9; }\n"
+    ".tokens { white-space: pre-wrap; font-family: monospace; font-size: 15px; line-height: 1.9; }\n"
     ".tok { border-radius: 2px; }\n"
     f".fork {{ border-bottom: 2px solid rgb{MARK_RGB}; font-weight: bold; }}\n"
 )

@@ -125,7 +125,9 @@ def sample_completions(
     """Returns ``len(prompts) * num_generations`` records ``{"prompt", "completion", "completion_ids"}``.
 
     ``completion_ids`` are the sampled tokens up to and including the first EOS (TRL's completion mask);
-    ``completion`` is their text without special tokens. Prompts are left-padded ``batch_size`` at a time.
+    ``completion`` is their text without special tokens; ``prompt`` is the prompt as sampled from (a string prompt
+    wrapped by ``chat_template`` is saved as that one-message conversation). Prompts are left-padded ``batch_size``
+    at a time.
 
     Args:
         model, tokenizer: from ``load_model``.
@@ -172,9 +174,13 @@ def sample_completions(
         )
         for row, sequence in enumerate(output[:, width:].tolist()):  # (b * G, C)
             ids = sequence[: sequence.index(eos) + 1] if eos in sequence else sequence
+            prompt = batch[row // num_generations]
+            if chat_template and isinstance(prompt, str):
+                # Saved as the conversation that was sampled from, so later scoring needs no chat_template flag.
+                prompt = [{"role": "user", "content": prompt}]
             records.append(
                 {
-                    "prompt": batch[row // num_generations],
+                    "prompt": prompt,
                     "completion": tokenizer.decode(ids, skip_special_tokens=True),
                     "completion_ids": ids,
                 }
