@@ -341,3 +341,61 @@ def test_resume_continues_the_random_selection_stream(tiny_model_dir, prompt_dat
     assert torch.equal(resumed.forking_generator.get_state(), state_after_full)
     assert torch.equal(resumed.forking_last_batch["completion_ids"], last_full["completion_ids"])
     assert torch.equal(resumed.forking_last_batch["selected"], last_full["selected"])
+
+
+@pytest.mark.parametrize(
+    ("scope", "selection"),
+    [("step", "bottom"), ("micro_batch", "random"), ("local", "top"), ("sequence", "top"), ("step", "all")],
+)
+def test_every_scope_and_selection_trains_the_expected_share_of_tokens(
+    tiny_model_dir, prompt_dataset, tmp_path, scope, selection
+):
+    args = make_args(
+        tmp_path,
+        forking_scope=scope,
+        forking_selection=selection,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    trainer = make_trainer(tiny_model_dir, prompt_dataset, args)
+    shares = []
+    original = trainer.get_high_entropy_mask
+
+    def hook(entropies, mask, threshold):
+        weights = original(entropies, mask, threshold)
+        batch = trainer.forking_last_batch
+        shares.append((batch["selected"].sum().item(), batch["mask"].sum(-1).tolist()))
+        return weights
+
+    trainer.get_high_entropy_mask = hook
+    trainer.train()
+    selected = sum(count for count, _ in shares)
+    lengths = [n for _, rows in shares for n in rows]
+    total = sum(lengths)
+    expected = {
+        "top": math.ceil(0.2 * total - 1e-9),
+        "random": math.ceil(0.2 * total - 1e-9),
+        "bottom": total - math.ceil(0.2 * total - 1e-9),
+        "all": total,
+    }[selection]
+    if scope == "sequence":
+        expected = sum(math.ceil(0.2 * n - 1e-9) for n in lengths)
+    if scope in ("micro_batch", "local"):  # one threshold per micro-batch of 2 completions
+        expected = sum(math.ceil(0.2 * sum(rows) - 1e-9) for _, rows in shares)
+    assert selected == expected
+    logged = next(entry for entry in trainer.state.log_history if "forking/selected_fraction" in entry)
+    assert logged["forking/selected_fraction"] == pytest.approx(expected / total, rel=0.2)
+
+
+def test_evaluation_selects_and_logs_forking_metrics(tiny_model_dir, prompt_dataset, tmp_path):
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+    trainer = ForkingGRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=prompt_dataset,
+        eval_dataset=prompt_dataset.select(range(4)),
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_forking/selected_fraction"] == pytest.approx(0.2, abs=0.05)
+    assert metrics["eval_forking/threshold"] >= metrics["eval_forking/entropy_p50"]
