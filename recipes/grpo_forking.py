@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, build_tiny_model
@@ -49,8 +50,6 @@ class ForkingScriptArguments(ScriptArguments):
 
 def make_parser() -> TrlParser:
     """Returns the parser of (ForkingScriptArguments, ForkingGRPOConfig, ModelConfig), with CPU-safe defaults."""
-    import torch
-
     parser = TrlParser((ForkingScriptArguments, ForkingGRPOConfig, ModelConfig))
     if not torch.cuda.is_available():
         # GRPOConfig defaults to bf16, which transformers refuses on CPU.
@@ -68,6 +67,10 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     if model is None:
         with training_args.main_process_first(desc="building the tiny demo model"):
             model = build_tiny_model()
+        if not torch.cuda.is_available():
+            # 64-wide matrices gain nothing from intra-op threads, and on a shared CPU those threads contend: one
+            # thread ran the demo in 1 minute where the default took 6 with other jobs on the machine.
+            torch.set_num_threads(1)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "dtype": model_args.dtype,
