@@ -6,6 +6,7 @@ in notebooks and without a display).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from matplotlib import ticker
@@ -44,9 +45,13 @@ def plot_entropy_histogram(
         widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
         axes.bar(edges[:-1], [100 * c / total for c in counts], width=widths, align="edge", color="#4c72b0")
     axes.set_xscale("log")
-    # Plain numbers ("0.01", "6.225") rather than mathtext powers, which are unreadable within a single decade.
-    axes.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
-    axes.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if edges and edges[-1] < 10 * edges[0]:
+        # Within one decade the log ticks carry no label or all read alike ("7e-02"): place plain ticks with as many
+        # digits as the spread needs.
+        digits = max(2, math.ceil(-math.log10((edges[-1] - edges[0]) / edges[-1])) + 2)
+        axes.xaxis.set_major_locator(ticker.MaxNLocator(6))
+        axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.{digits}g}"))
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
     if threshold is not None and threshold > 0:
         axes.axvline(threshold, color="#c44e52", linestyle="--", label=f"top-{rho:g} threshold = {threshold:.4g}")
     if low is not None and edges and low >= edges[0]:
@@ -55,7 +60,7 @@ def plot_entropy_histogram(
     axes.set_ylabel("share of tokens (%)")
     axes.set_title(f"Token entropy of {sum(counts):,} completion tokens")
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="upper left")
+        axes.legend(loc="best")
     return save_figure(figure, path)
 
 
