@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from trl_forking import rewards
 from trl_forking.rewards import (
@@ -137,3 +138,26 @@ def test_get_reward_funcs_errors_name_the_bad_value():
         get_reward_funcs(["acuracy"], max_completion_length=20)
     with pytest.raises(ValueError, match=r"overlong_buffer: 30 must be in \[0, max_completion_length=20\]"):
         get_reward_funcs(["dapo_accuracy"], max_completion_length=20, overlong_buffer=30)
+
+
+class _RewardInWorker(torch.utils.data.Dataset):
+    """Scores one (completion, gold) pair per item, inside a DataLoader worker process."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        completion, gold = self.pairs[index]
+        return math_accuracy_reward([completion], [gold])[0]
+
+
+def test_rewards_and_their_timeouts_work_in_dataloader_workers(monkeypatch):
+    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 1)  # forked workers inherit the patched module
+    pairs = [("\\boxed{42}", "42"), ("Answer: 41", "42"), ("\\boxed{9^{9^{9^{9}}}}", "5")]
+    loader = torch.utils.data.DataLoader(_RewardInWorker(pairs), batch_size=None, num_workers=1, timeout=60)
+    start = time.monotonic()
+    assert list(loader) == [1.0, 0.0, 0.0]
+    assert time.monotonic() - start < 30
