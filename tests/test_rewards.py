@@ -89,14 +89,14 @@ def test_off_the_main_thread_scores_match_the_main_thread():
 
 def test_a_pathological_answer_times_out_in_the_main_thread(monkeypatch):
     # 9^(9^(9^9)) has ~10^(3.7e8) digits: sympy would compare it against 5 forever without the alarm.
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 1)
+    monkeypatch.setattr(rewards, "TIMEOUT_S", 1)
     start = time.monotonic()
     assert math_accuracy_reward(["\\boxed{9^{9^{9^{9}}}}"], ["5"]) == [0.0]
     assert time.monotonic() - start < 10
 
 
 def test_a_pathological_answer_times_out_in_a_thread(monkeypatch):
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 1)  # sent to the scoring subprocess with the request
+    monkeypatch.setattr(rewards, "TIMEOUT_S", 1)  # sent to the scoring subprocess with the request
     result = {}
     worker = threading.Thread(target=lambda: result.update(s=math_accuracy_reward(["\\boxed{9^{9^{9^{9}}}}"], ["5"])))
     start = time.monotonic()
@@ -109,8 +109,6 @@ def test_a_pathological_answer_times_out_in_a_thread(monkeypatch):
 def test_a_hung_scoring_subprocess_is_killed_at_its_budget(monkeypatch, caplog):
     monkeypatch.setattr(rewards, "_RUN_AS_SCRIPT", "import time; time.sleep(600)")
     monkeypatch.setattr(rewards, "WORKER_SLACK_S", 1.0)
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 0)
-    monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 0)
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="trl_forking.rewards"):
         scores = rewards._score_in_subprocess(["\\boxed{1}", "\\boxed{2}"], ["1", "2"], timeout=0)
@@ -155,7 +153,7 @@ class _RewardInWorker(torch.utils.data.Dataset):
 
 
 def test_rewards_and_their_timeouts_work_in_dataloader_workers(monkeypatch):
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 1)  # forked workers inherit the patched module
+    monkeypatch.setattr(rewards, "TIMEOUT_S", 1)  # forked workers inherit the patched module
     pairs = [("\\boxed{42}", "42"), ("Answer: 41", "42"), ("\\boxed{9^{9^{9^{9}}}}", "5")]
     loader = torch.utils.data.DataLoader(_RewardInWorker(pairs), batch_size=None, num_workers=1, timeout=60)
     start = time.monotonic()

@@ -36,9 +36,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# math-verify's alarm-based timeouts take whole seconds.
-PARSE_TIMEOUT_S = 5
-VERIFY_TIMEOUT_S = 5
+# Bound on each math-verify parse and each comparison; its alarm-based timeouts take whole seconds.
+TIMEOUT_S = 5
 # Wall-clock slack for the scoring subprocess outside the main thread: start-up (importing sympy) plus scheduling noise.
 WORKER_SLACK_S = 60.0
 # Only the tail of a completion can hold its final answer; bounding the text bounds regex and parser work.
@@ -128,7 +127,7 @@ def _score_in_subprocess(completions: list[str], golds: list[str], timeout: int)
     kills it when the wall-clock budget is spent. The file runs on its own, not as ``-m trl_forking.rewards``, so
     that the child does not import torch through the package ``__init__``.
     """
-    budget = WORKER_SLACK_S + len(completions) * (2 * PARSE_TIMEOUT_S + VERIFY_TIMEOUT_S)
+    budget = WORKER_SLACK_S + len(completions) * 3 * timeout  # two parses and one comparison each
     request = json.dumps({"completions": completions, "golds": golds, "timeout": timeout})
     try:
         done = subprocess.run(
@@ -164,9 +163,9 @@ class MathAccuracyReward:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         golds = [str(s) for s in solution]
         if threading.current_thread() is threading.main_thread():
-            verdicts = _score_all(texts, golds, PARSE_TIMEOUT_S)
+            verdicts = _score_all(texts, golds, TIMEOUT_S)
         else:
-            verdicts = _score_in_subprocess(texts, golds, PARSE_TIMEOUT_S)
+            verdicts = _score_in_subprocess(texts, golds, TIMEOUT_S)
         return [None if v is None else (self.correct if v else self.incorrect) for v in verdicts]
 
 
