@@ -165,6 +165,11 @@ def bad_inputs(tmp_path, tiny_model_dir):
             "cannot write to output directory",
         ),
         (
+            "top-p above one",
+            ["analyze", "--model", "m", "--prompts", str(good), "-o", out, "--top-p", "2"],
+            "argument --top-p: top-p must be in (0, 1], got 2",
+        ),
+        (
             "both inputs",
             ["analyze", "--model", "m", "--completions", str(good), "--prompts", str(good), "-o", out],
             "not allowed with argument",
@@ -172,7 +177,7 @@ def bad_inputs(tmp_path, tiny_model_dir):
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(11))
 def test_bad_input_exits_non_zero_with_one_line_on_stderr(case, tmp_path, tiny_model_dir, capsys):
     name, argv, expected = bad_inputs(tmp_path, tiny_model_dir)[case]
     try:

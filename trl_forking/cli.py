@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .analysis import DEFAULT_RHO, analyze, overlap, render
+from .analysis.render import DEFAULT_WIDTH
+from .analysis.sampling import DEFAULT_MAX_NEW_TOKENS
+from .entropy import DEFAULT_ENTROPY_BATCH_SIZE
+
 __all__ = ["build_parser", "main"]
 
 EXIT_INPUT_ERROR, EXIT_USAGE = 1, 2
@@ -22,14 +27,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _rho(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rho must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"rho must be in (0, 1], got {value:g}")
-    return value
+def _unit_interval(name: str):
+    """Returns an argparse type that accepts a number in (0, 1] and names ``name`` in its error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value:g}")
+        return value
+
+    return parse
 
 
 def _positive(kind):
@@ -61,18 +71,30 @@ def _common() -> argparse.ArgumentParser:
     compute = parent.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    compute.add_argument("--batch-size", type=_positive(int), default=8, help="rows per forward (default: 8)")
+    compute.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=DEFAULT_ENTROPY_BATCH_SIZE,
+        help=f"rows per forward: the memory bound (default: {DEFAULT_ENTROPY_BATCH_SIZE})",
+    )
     compute.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sampling = parent.add_argument_group("sampling (with --prompts)")
     sampling.add_argument(
         "--temperature", type=_positive(float), default=1.0, help="sampling temperature and entropy T (default: 1)"
     )
     sampling.add_argument("--num-generations", type=_positive(int), default=1, help="completions per prompt")
-    sampling.add_argument("--max-new-tokens", type=_positive(int), default=256, help="completion length cap")
-    sampling.add_argument("--top-p", type=_rho, default=1.0, help="nucleus sampling (default: 1)")
+    sampling.add_argument(
+        "--max-new-tokens", type=_positive(int), default=DEFAULT_MAX_NEW_TOKENS, help="completion length cap"
+    )
+    sampling.add_argument("--top-p", type=_unit_interval("top-p"), default=1.0, help="nucleus sampling (default: 1)")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sampling.add_argument("--chat-template", action="store_true", help="wrap string prompts in a chat user turn")
-    parent.add_argument("--rho", type=_rho, default=0.2, help="share of tokens that are forking tokens (default: 0.2)")
+    parent.add_argument(
+        "--rho",
+        type=_unit_interval("rho"),
+        default=DEFAULT_RHO,
+        help=f"share of tokens that are forking tokens (default: {DEFAULT_RHO})",
+    )
     parent.add_argument("--output-dir", "-o", required=True, help="where to write the results")
     return parent
 
@@ -82,8 +104,6 @@ def _sampling(args) -> dict:
 
 
 def _analyze(args) -> None:
-    from .analysis import analyze
-
     analyze(
         args.model,
         args.output_dir,
@@ -107,8 +127,6 @@ def _analyze(args) -> None:
 
 
 def _render(args) -> None:
-    from .analysis import render
-
     files = render(
         args.model,
         args.output_dir,
@@ -132,8 +150,6 @@ def _render(args) -> None:
 
 
 def _overlap(args) -> None:
-    from .analysis import overlap
-
     overlap(
         args.model_a,
         args.model_b,
@@ -158,38 +174,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trl-forking", description="Forking-token analysis (Beyond the 80/20 Rule).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{analyze,render,overlap}")
 
-    analyze = commands.add_parser(
+    analyze_parser = commands.add_parser(
         "analyze",
         parents=[_common()],
         help="entropy statistics, forking-token table and charts",
         description="Write report.json, entropy_histogram.png and forking_tokens.png and print a summary.",
     )
-    analyze.add_argument("--model", required=True, help="model directory or Hub name")
-    analyze.add_argument("--top-tokens", type=_positive(int), default=20, help="rows of the forking-token table")
-    analyze.set_defaults(run=_analyze)
+    analyze_parser.add_argument("--model", required=True, help="model directory or Hub name")
+    analyze_parser.add_argument("--top-tokens", type=_positive(int), default=20, help="rows of the forking-token table")
+    analyze_parser.set_defaults(run=_analyze)
 
-    render = commands.add_parser(
+    render_parser = commands.add_parser(
         "render",
         parents=[_common()],
         help="HTML page and PNG of completions shaded by token entropy",
         description="Write forking_tokens.html (standalone) and forking_tokens_render.png.",
     )
-    render.add_argument("--model", required=True, help="model directory or Hub name")
-    render.add_argument("--index", type=int, nargs="+", help="0-based completions to render (default: all)")
-    render.add_argument("--per-sequence", action="store_true", help="mark the top-rho of each completion on its own")
-    render.add_argument("--width", type=_positive(int), default=100, help="characters per line in the PNG")
-    render.set_defaults(run=_render)
+    render_parser.add_argument("--model", required=True, help="model directory or Hub name")
+    render_parser.add_argument("--index", type=int, nargs="+", help="0-based completions to render (default: all)")
+    render_parser.add_argument(
+        "--per-sequence", action="store_true", help="mark the top-rho of each completion on its own"
+    )
+    render_parser.add_argument(
+        "--width", type=_positive(int), default=DEFAULT_WIDTH, help="characters per line in the PNG"
+    )
+    render_parser.set_defaults(run=_render)
 
-    overlap = commands.add_parser(
+    overlap_parser = commands.add_parser(
         "overlap",
         parents=[_common()],
         help="share of top-rho positions two models have in common, and entropy rank correlation",
         description="Score the same completions with two models; write overlap.json and print a summary. "
         "With --prompts, completions are sampled from model A.",
     )
-    overlap.add_argument("--model-a", required=True, help="first model (e.g. the base model)")
-    overlap.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
-    overlap.set_defaults(run=_overlap)
+    overlap_parser.add_argument("--model-a", required=True, help="first model (e.g. the base model)")
+    overlap_parser.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
+    overlap_parser.set_defaults(run=_overlap)
     return parser
 
 
