@@ -159,3 +159,9 @@ def test_rewards_and_their_timeouts_work_in_dataloader_workers(monkeypatch):
     start = time.monotonic()
     assert list(loader) == [1.0, 0.0, 0.0]
     assert time.monotonic() - start < 30
+
+
+def test_a_crashing_scoring_subprocess_raises_with_its_error(monkeypatch):
+    monkeypatch.setattr(rewards, "_RUN_AS_SCRIPT", "raise SystemExit('math_verify is not installed')")
+    with pytest.raises(RuntimeError, match="math-verify scoring subprocess failed:\nmath_verify is not installed"):
+        rewards._score_in_subprocess(["\\boxed{1}"], ["1"], timeout=1)

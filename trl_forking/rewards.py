@@ -141,6 +141,8 @@ def _score_in_subprocess(completions: list[str], golds: list[str], timeout: int)
     except subprocess.TimeoutExpired:
         logger.warning("math-verify subprocess exceeded %.0f s; scoring this batch as wrong.", budget)
         return [False] * len(completions)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"math-verify scoring subprocess failed:\n{error.stderr[-2000:]}") from error
     if done.stderr:
         sys.stderr.write(done.stderr)  # the worker's "gold answer cannot be parsed" warnings
     return json.loads(done.stdout.strip().splitlines()[-1])
