@@ -5,7 +5,7 @@
 
 Flags after ``--config`` override the YAML. With no arguments at all (``python recipes/grpo_forking.py`` or
 ``accelerate launch recipes/grpo_forking.py``) it runs the CPU demo of ``recipes/demo.yaml``: a tiny GPT-2 built
-locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in about two minutes on two
+locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in under a minute on two
 cores. No model or dataset given means the tiny model and the bundled set; nothing is downloaded for them.
 """
 
