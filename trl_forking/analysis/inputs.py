@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 
 __all__ = [
+    "COMPLETIONS_FILE",
     "PROMPT_COLUMNS",
     "Inputs",
     "completion_text",
@@ -25,6 +26,8 @@ __all__ = [
     "write_jsonl",
 ]
 
+# Where sampled completions are saved, in the format ``load_completions`` reads.
+COMPLETIONS_FILE = "completions.jsonl"
 # Tried in order when no column is named: TRL's "prompt", then the columns of common math sets (AIME, MATH).
 PROMPT_COLUMNS = ("prompt", "problem", "question")
 
@@ -41,6 +44,7 @@ def iter_jsonl(path: str):
         FileNotFoundError: ``path`` does not exist.
         ValueError: a line is not a JSON object; the message gives ``path:line``.
     """
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -104,6 +108,7 @@ def load_prompts(
     """
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    source = os.path.expanduser(source)
     if os.path.isfile(source):
         rows = [row for _, row in iter_jsonl(source)]
         if not rows:
@@ -161,6 +166,7 @@ def load_completions(path: str, num_samples: int | None = None) -> list[dict]:
     """
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"completions file not found: {path}")
     records = []
@@ -184,11 +190,12 @@ def load_completions(path: str, num_samples: int | None = None) -> list[dict]:
 
 
 def ensure_output_dir(path: str) -> str:
-    """Returns ``path`` after creating it and checking that a file can be written there.
+    """Returns ``path`` (with ``~`` expanded) after creating it and checking that a file can be written there.
 
     Raises:
         OSError: the directory cannot be created or written (the message names it).
     """
+    path = os.path.expanduser(path)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

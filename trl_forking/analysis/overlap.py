@@ -15,7 +15,7 @@ import torch
 
 from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
 from ..selection import check_quantile, forking_mask
-from .inputs import ensure_output_dir, read_inputs
+from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .sampling import ensure_model, load_tokenizer, obtain_records
 from .scoring import score_completions
 from .stats import spearman, top_rho_overlap
@@ -144,11 +144,11 @@ def overlap(
         rho: share of tokens compared, in (0, 1].
     """
     rho = check_quantile(rho, "rho")
-    ensure_output_dir(output_dir)
+    output_dir = ensure_output_dir(output_dir)
     inputs = read_inputs(prompts, completions, num_samples)
     files = {"overlap": os.path.join(output_dir, OVERLAP_FILE)}
     if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, "completions.jsonl")
+        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
     names = _name(model_a), _name(model_b)
     # Tokenizers first: a missing model or a vocabulary mismatch is reported before any model is scored.
     tokenizers = [

@@ -11,7 +11,7 @@ from matplotlib.patches import Rectangle
 
 from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
 from ..selection import check_quantile, forking_mask
-from .inputs import ensure_output_dir, read_inputs
+from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .plots import save_figure
 from .sampling import ensure_model, obtain_records
 from .scoring import score_completions
@@ -194,12 +194,12 @@ def render(
         width: characters per line in the PNG.
     """
     rho = check_quantile(rho, "rho")
-    ensure_output_dir(output_dir)
+    output_dir = ensure_output_dir(output_dir)
     inputs = read_inputs(prompts, completions, num_samples)
     model, tokenizer = ensure_model(model, tokenizer, device, dtype)
     files = {}
     if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, "completions.jsonl")
+        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
     records = obtain_records(
         model,
         tokenizer,

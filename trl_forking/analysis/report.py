@@ -9,7 +9,7 @@ import torch
 
 from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
 from ..selection import check_quantile, forking_mask
-from .inputs import ensure_output_dir, read_inputs
+from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .plots import plot_entropy_histogram, plot_forking_tokens
 from .sampling import DEFAULT_MAX_NEW_TOKENS, ensure_model, obtain_records
 from .scoring import score_completions
@@ -19,12 +19,9 @@ from .tokens import token_strings
 __all__ = ["DEFAULT_RHO", "analyze", "format_summary", "position_profile"]
 
 DEFAULT_RHO = 0.2  # the paper's best ratio
-REPORT_FILE, HISTOGRAM_FILE, TOKENS_FILE, COMPLETIONS_FILE = (
-    "report.json",
-    "entropy_histogram.png",
-    "forking_tokens.png",
-    "completions.jsonl",
-)
+REPORT_FILE = "report.json"
+HISTOGRAM_FILE = "entropy_histogram.png"
+TOKENS_FILE = "forking_tokens.png"
 
 
 def position_profile(selected: torch.Tensor, mask: torch.Tensor, bins: int = 10) -> list[float | None]:
@@ -123,7 +120,7 @@ def analyze(
         verbose: print the summary.
     """
     rho = check_quantile(rho, "rho")
-    ensure_output_dir(output_dir)
+    output_dir = ensure_output_dir(output_dir)
     inputs = read_inputs(prompts, completions, num_samples, split, dataset_config, prompt_column)
     model_name = model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
     model, tokenizer = ensure_model(model, tokenizer, device, dtype)

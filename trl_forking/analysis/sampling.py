@@ -49,6 +49,7 @@ def load_tokenizer(name_or_path: str):
         FileNotFoundError: ``name_or_path`` is a path that does not exist.
         ValueError: the tokenizer cannot be loaded.
     """
+    name_or_path = os.path.expanduser(name_or_path)
     if not os.path.exists(name_or_path) and looks_like_path(name_or_path):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
     from transformers import AutoTokenizer
@@ -79,6 +80,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", tok
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     target = resolve_device(device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
+    name_or_path = os.path.expanduser(name_or_path)
     from transformers import AutoModelForCausalLM
 
     try:
