@@ -86,6 +86,20 @@ def test_logging_steps_is_the_default_interval_and_a_batch_is_counted_once(tmp_p
     assert record["step"] == 3 and record["num_tokens"] == int(trainer.forking_last_batch["mask"].sum())
 
 
+def test_a_batch_published_in_an_unlogged_step_is_not_counted_later(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", logging_steps=1)
+    trainer = SimpleNamespace(forking_last_batch=None)
+    callback = ForkingStatsCallback(trainer, every_n_steps=2)
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    trainer.forking_last_batch = make_batch(1)
+    state.global_step = 1
+    callback.on_step_end(args, state, control)  # not logged
+    state.global_step = 2
+    callback.on_step_end(args, state, control)  # logged, but the trainer published nothing new since step 1
+    assert not (tmp_path / STATS_FILE).exists()
+
+
 def test_tensorboard_gets_histograms_scalars_and_the_token_table(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

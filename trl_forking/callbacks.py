@@ -109,7 +109,8 @@ class ForkingStatsCallback(TrainerCallback):
         self.filename = filename
         self.tokenizer = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._last_batch_id = None
+        # The last batch dict seen, held (not its id) so that a new dict cannot reuse its address and look seen.
+        self._seen = None
         self._writer = None
 
     @classmethod
@@ -139,12 +140,12 @@ class ForkingStatsCallback(TrainerCallback):
     def _collect(self) -> None:
         """Keeps this micro-batch's valid tokens as flat CPU tensors (once per batch dict the trainer publishes)."""
         batch = getattr(self.trainer, "forking_last_batch", None)
-        if batch is None or id(batch) == self._last_batch_id:
+        if batch is None or batch is self._seen:
             return
         missing = [key for key in BATCH_KEYS if key not in batch]
         if missing:
             raise KeyError(f"trainer.forking_last_batch lacks {missing}; expected keys {list(BATCH_KEYS)}")
-        self._last_batch_id = id(batch)
+        self._seen = batch
         valid = batch["mask"].detach().bool().cpu()  # (B, T)
         self._pending.append(
             (
@@ -161,6 +162,9 @@ class ForkingStatsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self._interval(args) != 0:
+            # Mark this step's batch as seen: if the trainer publishes nothing new before the next logged step, that
+            # step must not count it.
+            self._seen = getattr(self.trainer, "forking_last_batch", None)
             self._pending.clear()
             return
         self._collect()
