@@ -377,7 +377,7 @@ def test_render_html_holds_every_token_in_order_and_marks_the_top_rho(tiny, comp
         assert "".join(html.unescape(text) for _, text in spans) == completion
         n_total += len(spans)
         n_marked += sum(bool(fork) for fork, _ in spans)
-    assert n_marked == math.ceil(0.2 * n_total)
+    assert n_marked == math.ceil(round(0.2 * n_total, 6))
     assert_valid_png(files["png"])
 
 
@@ -406,7 +406,7 @@ def test_overlap_with_a_model_of_another_seed_is_below_one(
     tiny_model_dir, other_model_dir, completions_file, tmp_path, capsys
 ):
     result = overlap(tiny_model_dir, other_model_dir, str(tmp_path), completions=completions_file, progress=False)
-    assert result["num_selected"] == math.ceil(0.2 * result["num_tokens"])
+    assert result["num_selected"] == math.ceil(round(0.2 * result["num_tokens"], 6))
     assert result["overlap"] < 1.0 and result["spearman"] < 1.0
     assert len(result["per_completion"]) == len(COMPLETIONS)
     assert "top-0.2 overlap" in capsys.readouterr().out
@@ -419,3 +419,37 @@ def test_overlap_rejects_models_with_different_vocabularies(tiny_model_dir, comp
     with pytest.raises(ValueError, match="different vocabularies"):
         overlap(tiny_model_dir, other, str(tmp_path / "out"), completions=completions_file, progress=False)
     shutil.rmtree(other)
+
+
+def test_png_layout_wraps_tokens_breaks_at_newlines_and_cuts_overlong_tokens():
+    from trl_forking.analysis.render import _layout
+
+    pieces = _layout(["abc", "defg", "\nxy", "123456789012"], width=5)
+    # (token, line, column, text): "defg" does not fit after "abc" (3 + 4 > 5); "\n" starts line 2; the 12-character
+    # token starts a fresh line and is cut into lines of 5.
+    assert pieces == [
+        (0, 0, 0, "abc"),
+        (1, 1, 0, "defg"),
+        (2, 2, 0, "xy"),
+        (3, 3, 0, "12345"),
+        (3, 4, 0, "67890"),
+        (3, 5, 0, "12"),
+    ]
+
+
+def test_render_per_sequence_marks_the_top_rho_of_each_completion(tiny, completions_file, tmp_path):
+    model, tokenizer = tiny
+    files = render(
+        model,
+        str(tmp_path),
+        completions=completions_file,
+        tokenizer=tokenizer,
+        rho=0.3,
+        per_sequence=True,
+        progress=False,
+    )
+    sections = open(files["html"], encoding="utf-8").read().split('<section class="completion">')[1:]
+    for section in sections:
+        spans = re.findall(r'<span class="tok( fork)?"', section)
+        # k = ceil(rho * n_i) per completion, with the float error of rho * n_i rounded off as num_selected does
+        assert sum(bool(s) for s in spans) == math.ceil(round(0.3 * len(spans), 6))
