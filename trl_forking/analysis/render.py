@@ -156,6 +156,16 @@ def render_png(items: list[dict], path: str, rho: float, width: int = DEFAULT_WI
     return save_figure(figure, path, tight=False)
 
 
+def _pick(records: list[dict], indices: list[int] | None) -> list[dict]:
+    """Returns the records at ``indices`` (all when None); raises ValueError naming the indices out of range."""
+    if indices is None:
+        return records
+    bad = [i for i in indices if not 0 <= i < len(records)]
+    if bad:
+        raise ValueError(f"completion indices {bad} out of range: there are {len(records)} completions")
+    return [records[i] for i in indices]
+
+
 def render(
     model,
     output_dir: str,
@@ -196,6 +206,8 @@ def render(
     rho = check_quantile(rho, "rho")
     output_dir = ensure_output_dir(output_dir)
     inputs = read_inputs(prompts, completions, num_samples)
+    if inputs.records is not None:
+        _pick(inputs.records, indices)  # a bad index fails before the model is loaded
     model, tokenizer = ensure_model(model, tokenizer, device, dtype)
     files = {}
     if inputs.records is None:
@@ -211,11 +223,7 @@ def render(
         progress=progress,
         **sampling,
     )
-    if indices is not None:
-        bad = [i for i in indices if not 0 <= i < len(records)]
-        if bad:
-            raise ValueError(f"completion indices {bad} out of range: there are {len(records)} completions")
-        records = [records[i] for i in indices]
+    records = _pick(records, indices)
     scored = score_completions(model, tokenizer, records, temperature, batch_size, chat_template, progress)
     _, entropies, mask = scored.padded()  # (B, T)
     selected = forking_mask(entropies, mask, rho, per_sequence=per_sequence)  # (B, T)
