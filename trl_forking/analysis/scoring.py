@@ -58,8 +58,8 @@ def score_completions(
     """Returns the entropy of every completion token of ``records`` under ``model``.
 
     Each record's prompt and completion are encoded separately (the prompt as in ``encode_prompt``) and joined, so
-    the completion boundary is exact. ``batch_size`` rows go through ``token_entropies`` at a time, right-padded to
-    that chunk's longest row: memory is bounded by one chunk and TRL's fused LM head never materializes
+    the completion boundary is exact. ``batch_size`` rows of similar length go through ``token_entropies`` at a time,
+    right-padded to that chunk's longest row: memory is bounded by one chunk and TRL's fused LM head never materializes
     (rows, length, vocab) logits.
 
     Args:
@@ -94,17 +94,22 @@ def score_completions(
                 f"longer than the model's {limit} positions"
             )
         pairs.append((prompt, completion))
-    token_ids, entropies = [], []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="entropy", unit="batch", disable=not progress):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
+    token_ids: list[torch.Tensor | None] = [None] * len(pairs)
+    entropies: list[torch.Tensor | None] = [None] * len(pairs)
+    # Rows of similar length share a chunk, so little of each forward is spent on padding.
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for start in tqdm(range(0, len(order), batch_size), desc="entropy", unit="batch", disable=not progress):
+        chunk = order[start : start + batch_size]
+        width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (b, L)
         attention_mask = torch.zeros_like(input_ids)
-        for row, (p, c) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            p, c = pairs[i]
             input_ids[row, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
             attention_mask[row, : len(p) + len(c)] = 1
         h = token_entropies(model, input_ids, attention_mask, temperature=temperature, batch_size=batch_size)  # (b, L)
-        for row, (p, c) in enumerate(chunk):
-            token_ids.append(torch.tensor(c, dtype=torch.long))
-            entropies.append(h[row, len(p) : len(p) + len(c)].clone())
+        for row, i in enumerate(chunk):
+            p, c = pairs[i]
+            token_ids[i] = torch.tensor(c, dtype=torch.long)
+            entropies[i] = h[row, len(p) : len(p) + len(c)].clone()
     return ScoredCompletions(records=list(records), token_ids=token_ids, entropies=entropies)
