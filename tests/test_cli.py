@@ -170,6 +170,11 @@ def bad_inputs(tmp_path, tiny_model_dir):
             "argument --top-p: top-p must be in (0, 1], got 2",
         ),
         (
+            "unknown device",
+            ["analyze", "--model", tiny_model_dir, "--completions", str(good), "-o", out, "--device", "gpu"],
+            "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'",
+        ),
+        (
             "both inputs",
             ["analyze", "--model", "m", "--completions", str(good), "--prompts", str(good), "-o", out],
             "not allowed with argument",
@@ -177,7 +182,7 @@ def bad_inputs(tmp_path, tiny_model_dir):
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_input_exits_non_zero_with_one_line_on_stderr(case, tmp_path, tiny_model_dir, capsys):
     name, argv, expected = bad_inputs(tmp_path, tiny_model_dir)[case]
     try:
