@@ -109,6 +109,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         trainer.accelerator.print(f"  {name:40s} {last[name]:.4g}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Every rank reaches this point before any destroys the process group: on CPU, gloo aborted a rank that tore
+    # down its group while the main process was still writing the model (1 in ~6 ZeRO-3 runs without the barrier).
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finishes trackers, destroys the process group
         trainer.end()
     trainer.accelerator.print(f"Trained model, tokenizer and metrics (trainer_state.json) saved in {output_dir}")
