@@ -1,7 +1,6 @@
 """Scope "step" across world sizes: the trainer's generation-batch selection run on 1 and 2 gloo ranks."""
 
 import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -32,9 +31,8 @@ def stub_trainer(rows, world, rank, accumulation, group):
         _step=0,
         _forking_group=group,
         forking_generator=torch.Generator().manual_seed(0),
-        _metrics={"train": defaultdict(list)},
     )
-    for name in ("_select", "_log_forking_metrics"):
+    for name in ("_select", "_forking_metrics"):
         setattr(stub, name, getattr(ForkingGRPOTrainer, name).__get__(stub))
     entropies, mask = rows
     per_rank = ROWS // world
@@ -52,7 +50,8 @@ def stub_trainer(rows, world, rank, accumulation, group):
     ForkingGRPOTrainer._select_generation_batch(stub, slices)
     selected = {int(r): s["forking_mask"][i] for s in slices for i, r in enumerate(s["row_ids"])}
     step_selected = {int(s["forking_step_selected"]) for s in slices}
-    return selected, step_selected, dict(stub._metrics["train"])
+    metrics = [s["forking_step_metrics"] for s in slices if "forking_step_metrics" in s]
+    return selected, step_selected, metrics
 
 
 def _worker(rank, world, accumulation):
@@ -74,7 +73,8 @@ def test_step_scope_mask_is_independent_of_world_size_and_accumulation():
     assert merged.keys() == reference.keys()
     assert all(torch.equal(merged[r], reference[r]) for r in reference)
     assert results[0][1] == results[1][1] == reference_count
-    # Every rank logs the same, global, metrics as the single process.
-    for name, values in reference_metrics.items():
-        assert results[0][2][name] == pytest.approx(values, nan_ok=True)
-        assert results[1][2][name] == pytest.approx(values, nan_ok=True)
+    # One set of metrics per optimizer step, the same global values on every rank as in the single process.
+    assert len(reference_metrics) == 1 and len(results[0][2]) == len(results[1][2]) == 1
+    for name, value in reference_metrics[0].items():
+        assert results[0][2][0][name] == pytest.approx(value, nan_ok=True)
+        assert results[1][2][0][name] == pytest.approx(value, nan_ok=True)

@@ -163,8 +163,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
             generator=self.forking_generator,
         )
 
-    def _log_forking_metrics(self, entropies, valid, selected, mode):
-        metrics = forking_metrics(entropies, valid, selected, self.forking.top_entropy_quantile, self._forking_group)
+    def _forking_metrics(self, entropies, valid, selected) -> dict[str, float]:
+        return forking_metrics(entropies, valid, selected, self.forking.top_entropy_quantile, self._forking_group)
+
+    def _log_forking_metrics(self, metrics: dict[str, float], mode: str) -> None:
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
 
@@ -224,8 +226,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return inputs
 
     def _select_generation_batch(self, slices: list[dict]) -> None:
-        """Adds to each micro-batch of a new generation batch its forking mask (when known now) and the number of
-        selected tokens of its optimizer step over all ranks (the "selected" denominator of dapo-like losses).
+        """Adds to each micro-batch of a new generation batch its forking mask (when known now), the number of
+        selected tokens of its optimizer step over all ranks (the "selected" denominator of dapo-like losses) and, on
+        one micro-batch per step, that step's forking metrics.
 
         Micro-batch j is first trained at micro-step ``t_j = s + ((j - s) mod spg)`` (TRL indexes the buffer by
         ``step % spg``); micro-batches with the same ``t_j // GA`` form one optimizer step, whose tokens on every rank
@@ -251,7 +254,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
             entropies = torch.cat([slices[j]["forking_entropies"] for j in members])
             mask = torch.cat([valid[j] for j in members])
             selected = self._select(entropies, mask, scope)
-            self._log_forking_metrics(entropies, mask, selected, "train")
+            # Logged when the step trains (see get_high_entropy_mask), so each logging step reports its own steps.
+            slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected)
             for j, part in zip(members, selected.split([valid[j].size(0) for j in members]), strict=True):
                 slices[j]["forking_mask"] = part
 
@@ -298,9 +302,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
             # In eval there is no accumulation: the micro-batch on all ranks is the step.
             scope = "micro_batch" if self.forking.forking_scope == "step" else self.forking.forking_scope
             selected = self._select(entropies, valid, scope)
-            self._log_forking_metrics(entropies, valid, selected, mode)
+            self._log_forking_metrics(self._forking_metrics(entropies, valid, selected), mode)
         else:
             entropies = inputs["forking_entropies"]
+            if "forking_step_metrics" in inputs:
+                self._log_forking_metrics(inputs["forking_step_metrics"], mode)
         self.forking_last_batch = {
             "completion_ids": inputs["completion_ids"],
             "entropies": entropies,
