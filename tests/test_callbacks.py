@@ -180,3 +180,30 @@ def test_a_real_training_run_logs_the_selected_top_rho_of_each_step(tiny_model_d
     events.Reload()
     assert [e.step for e in events.Histograms("forking/entropy")] == [1, 2]
     assert not (tmp_path / "runs" / "forking_stats").exists()
+
+
+def test_callback_passed_to_the_trainer_constructor_is_bound_to_it(tiny_model_dir, prompt_dataset, tmp_path):
+    from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
+
+    args = ForkingGRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+    )
+    callback = ForkingStatsCallback(every_n_steps=1)
+    trainer = ForkingGRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=lambda completions, **kwargs: [float(len(set(c))) for c in completions],
+        args=args,
+        train_dataset=prompt_dataset,
+        callbacks=[callback],
+    )
+    assert callback.trainer is trainer
+    trainer.train()
+    (record,) = read_jsonl(tmp_path / STATS_FILE)
+    assert record["num_selected"] == math.ceil(0.2 * record["num_tokens"] - 1e-9)

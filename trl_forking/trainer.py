@@ -12,6 +12,7 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from .callbacks import ForkingStatsCallback
 from .config import ForkingGRPOConfig, ForkingOptions
 from .metrics import forking_metrics
 from .selection import forking_mask, num_selected
@@ -144,6 +145,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.forking_last_batch: dict[str, torch.Tensor] | None = None
         self._forking_inputs = None
         self._forking_capture = None
+        # transformers never hands callbacks the trainer; give ours this one so `callbacks=[ForkingStatsCallback()]`
+        # works as is.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ForkingStatsCallback) and callback.trainer is None:
+                callback.bind(self)
 
     # --- selection ------------------------------------------------------------------------------------------------
 
