@@ -309,7 +309,8 @@ def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_
     bin_dir.mkdir()
     fakes = {
         "scontrol": "printf 'gpu-a\\ngpu-b\\ngpu-c\\n'",
-        "srun": f'echo "$@" >> {log}',
+        # One record per call, ended by \x1e: the two sruns run in the background, in either order.
+        "srun": f"printf '%s\\x1e' \"$*\" >> {log}",
         "curl": "exit 0",
     }
     for name, body in fakes.items():
@@ -326,7 +327,9 @@ def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    serve, train = log.read_text().split("\n", 1)  # the training command spans lines
+    records = [r for r in log.read_text().split("\x1e") if r.strip()]
+    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
+    (train,) = [r for r in records if r is not serve]
     assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
     assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
     assert train.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
