@@ -38,6 +38,10 @@ CPU_HISTOGRAM_CHUNK_SIZE = 2**15
 # Tokens per chunk of the comparison passes (and of the histogram on accelerators): caps their bool and int32
 # temporaries at 4 and 16 MiB whatever N is, while keeping the number of kernel launches small.
 SCAN_CHUNK_SIZE = 2**22
+# A first-digit bin holding more than this share of a rank's tokens is not copied out as candidates: rounds 2 and 3
+# then read every token in a histogram pass each, which costs less than copying and filtering most of them (e.g.
+# when most entropies are equal).
+DENSE_CANDIDATE_SHARE = 1 / 4
 # Key given to padding: the smallest int32. It lands in first-digit bin 0, which otherwise holds only -inf and
 # negative NaNs, so padding is subtracted from that bin before it could count as a selected or non-finite token.
 _PAD_KEY = -(2**31)
@@ -153,13 +157,31 @@ def _pick_bin(hists: torch.Tensor, remaining: torch.Tensor):
     return chosen, strictly_above, in_bin
 
 
+def _prefix_histogram(values: torch.Tensor, valid: torch.Tensor | None, prefix: int, shift: int, bits: int):
+    """Returns the (2**bits,) local histogram of the digit ``(key >> shift) & (2**bits - 1)`` of the valid keys whose
+    higher bits ``key >> (shift + bits)`` equal the signed ``prefix``, from one pass over all (M,) ``values``."""
+    size = 1 << bits
+    hist = torch.zeros(2 * size, dtype=torch.long, device=values.device)
+    chunk = CPU_HISTOGRAM_CHUNK_SIZE if values.device.type == "cpu" else SCAN_CHUNK_SIZE
+    for _, piece, piece_valid in _scan(values, valid, chunk):
+        keys = float_to_ordered_key(piece)
+        if piece_valid is not None:
+            keys.masked_fill_(~piece_valid, _PAD_KEY)
+        digits = (keys >> shift) & (size - 1)
+        # Keys outside the prefix count in the upper half, which is dropped (cheaper than a masked fill).
+        digits |= ((keys >> (shift + bits)) != prefix).to(torch.int32) << bits
+        hist += torch.bincount(digits, minlength=2 * size)
+    return hist[:size]
+
+
 def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, group=None):
     """Returns ``(N, ks, threshold_keys, above, ties, local_ties)`` for the k-th largest valid value over ``group``.
 
     Two streaming passes over the local data: (1) the first-digit histogram of the keys, in chunks of
     ``CPU_HISTOGRAM_CHUNK_SIZE`` tokens on CPU (``SCAN_CHUNK_SIZE`` elsewhere), which also counts the non-finite
     values (they have bins of their own); (2) the keys in the chosen first-digit bin are kept as candidates, usually
-    a few percent of the tokens. Rounds 2 and 3 read only the candidates.
+    a few percent of the tokens. Rounds 2 and 3 read only the candidates, unless the bin holds more than
+    ``DENSE_CANDIDATE_SHARE`` of this rank's tokens: then each round is a histogram pass over all of them instead.
 
     Args:
         values: (M,) float local values, flattened.
@@ -192,6 +214,7 @@ def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, gr
         hist += torch.bincount(digits, minlength=1 << bits)
     if valid is not None:
         hist[0] -= valid.numel() - valid.count_nonzero()
+    local_first = hist.clone()
     hist = _all_reduce(hist, group)
     bad = int(hist[:_NONFINITE_BINS].sum() + hist[-_NONFINITE_BINS:].sum())
     if bad:
@@ -207,11 +230,17 @@ def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, gr
     chosen, above, in_bin = _pick_bin(hist.unsqueeze(0).expand(ks.numel(), -1), ks)
     remaining = ks - above
     prefix = chosen
+    # A local decision: every rank still sends the same histograms, whichever way it computes its own.
+    dense = (local_first[chosen] > DENSE_CANDIDATE_SHARE * values.numel()).tolist()
 
     # Pass 2: the candidates of each target are the local keys in its chosen first-digit bin (never padding: its
     # bin holds only non-finite values, rejected above). Targets sharing a bin share one comparison.
     first_digits = (chosen - offset).tolist()
-    parts = {digit: [torch.zeros(0, dtype=torch.int32, device=device)] for digit in first_digits}
+    parts = {
+        digit: [torch.zeros(0, dtype=torch.int32, device=device)]
+        for digit, is_dense in zip(first_digits, dense, strict=True)
+        if not is_dense
+    }
     for _, piece, piece_valid in _scan(values, valid, SCAN_CHUNK_SIZE):
         for digit, found in parts.items():
             inside = _in_key_range(piece, digit << shift, (digit + 1) << shift)
@@ -219,18 +248,29 @@ def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, gr
                 inside &= piece_valid
             found.append(float_to_ordered_key(piece[inside]))
     pooled = {digit: torch.cat(found) for digit, found in parts.items()}
-    candidates = [pooled[digit] for digit in first_digits]
+    candidates = [None if is_dense else pooled[d] for d, is_dense in zip(first_digits, dense, strict=True)]
 
     for round_index, (shift, bits) in enumerate(RADIX_DIGITS[1:], start=1):
-        digits = [(c >> shift) & ((1 << bits) - 1) for c in candidates]
-        local = torch.stack([torch.bincount(d, minlength=1 << bits) for d in digits])
+        digits = [None if c is None else (c >> shift) & ((1 << bits) - 1) for c in candidates]
+        signed_prefix = (prefix - (1 << (31 - shift - bits))).tolist()  # the chosen higher bits of the keys
+        local = torch.stack(
+            [
+                _prefix_histogram(values, valid, signed_prefix[q], shift, bits)
+                if d is None
+                else torch.bincount(d, minlength=1 << bits)
+                for q, d in enumerate(digits)
+            ]
+        )
         hists = _all_reduce(local.clone(), group)
         chosen, strictly_above, in_bin = _pick_bin(hists, remaining)
         remaining = remaining - strictly_above
         above = above + strictly_above
         prefix = (prefix << bits) | chosen
         if round_index + 1 < len(RADIX_DIGITS):
-            candidates = [c[d == chosen[q]] for q, (c, d) in enumerate(zip(candidates, digits, strict=True))]
+            candidates = [
+                None if c is None else c[d == chosen[q]]
+                for q, (c, d) in enumerate(zip(candidates, digits, strict=True))
+            ]
     local_ties = local.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     # Undo the unsigned offset of the top digit to get back signed int32 keys.
     threshold = prefix - (1 << 31)
