@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -35,6 +36,8 @@ TARGET_MEMORY_SHARE = 1 / 8  # d: our entropy peak / the full-logits peak, at mo
 TARGET_MIN_N = 10**5  # a: the time targets apply from here (the range); smaller N only smoke-tests
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_PLOTS = os.path.join(os.path.dirname(HERE), "docs", "images")
+# Quick runs write outside the repository, so they never overwrite the committed full run.
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "trl-forking-bench-quick")
 SECTIONS = ("a", "b", "c", "d")
 
 
@@ -248,7 +251,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and steps: a smoke test of the code")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run, e.g. a,b")
-    parser.add_argument("--out", default=None, help=f"directory of results.json (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", default=None, help=f"directory of results.json (default {DEFAULT_OUT}; {QUICK_OUT} if quick)"
+    )
     parser.add_argument(
         "--plots", default=None, help=f"directory of the PNGs (default {DEFAULT_PLOTS}; --out if quick)"
     )
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"--only takes sections among {list(SECTIONS)}, got {unknown}")
-    out_dir = args.out or DEFAULT_OUT
+    out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     plots_dir = args.plots or (out_dir if args.quick else DEFAULT_PLOTS)
     if args.threads:
         torch.set_num_threads(args.threads)
