@@ -7,7 +7,8 @@ of a process group, without gathering the entropies anywhere:
 1. each entropy becomes a 32-bit integer key whose order is the float order (``float_to_ordered_key``);
 2. a radix select finds the key of the k-th largest token with three ``all_reduce`` calls of fixed-size
    histograms (2,048 + 2,048 + 1,024 counters per target, whatever N is); the data is streamed in chunks, read
-   once for the first histogram and once to keep the few keys that share the threshold's first digit;
+   once for the first histogram and once to keep the few keys that share the threshold's first digit (or, when
+   that digit holds most tokens, once per later digit, without copying them);
 3. tokens strictly above that key are selected, and ties at the key are taken in global order (rank by rank,
    row-major within a rank) after one ``all_gather`` of one counter per rank.
 
@@ -384,8 +385,9 @@ def forking_mask(
     threshold, one all_gather of one int64 per rank; nothing grows with N.
 
     Cost (not for ``per_sequence``, which sorts each row): three streaming passes over the entropies, in chunks of
-    at most ``SCAN_CHUNK_SIZE`` tokens; extra memory is the (B, T) result, chunk-sized temporaries and the keys that
-    share the threshold's top 11 bits (usually a few percent of the tokens; all of them if all are equal).
+    at most ``SCAN_CHUNK_SIZE`` tokens (four when over ``DENSE_CANDIDATE_SHARE`` of them share the threshold's top
+    11 bits); extra memory is the (B, T) result, chunk-sized temporaries and the keys that share those bits when
+    they are fewer (usually a few percent of the tokens).
     """
     quantile = check_quantile(quantile)
     check_selection(selection)
