@@ -1,9 +1,9 @@
 """Benchmark b: selection across 2 and 4 CPU processes (gloo on 127.0.0.1): time and bytes communicated.
 
 - ``forking_mask``: this package's radix select, ``forking_mask(..., group=WORLD)``;
-- ``trl``: TRL 1.16's ``get_high_entropy_mask`` with accelerate's gloo code path spelled out in torch.distributed
-  calls: ``pad_across_processes`` (all_gather of each rank's length, pad with -1e9), ``gather`` (all_gather of the
-  padded entropies, then cat), drop the sentinels, ``torch.quantile``, ``entropies >= threshold``.
+- ``trl``: TRL 1.16's own ``GRPOTrainer.get_high_entropy_mask`` with an accelerate ``Accelerator`` on the same
+  group: ``pad_across_processes`` (all_gather of each rank's length, pad with -1e9), ``gather`` (all_gather of the
+  padded entropies), drop the sentinels, ``torch.quantile``, ``entropies >= threshold``.
 
 Bytes: every torch.distributed collective a method calls is wrapped and counted as the bytes of the result each
 rank holds afterwards: ``tensor.nbytes`` for all_reduce, the sum of the output tensors' nbytes for all_gather (world
@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,6 @@ WORLD_SIZES = (2, 4)
 FULL_SIZES = (10**5, 10**6, 10**7)
 QUICK_SIZES = (10**3, 10**4)
 REPEATS = 3
-# TRL's sentinel for the padding of pad_across_processes (entropies are never negative).
-TRL_PAD_VALUE = -1e9
 # Seconds a world of workers may take before it is killed and reported as failed (no hang).
 WORLD_TIMEOUT_S = 900
 
@@ -72,28 +71,19 @@ class _ByteCounter:
         return result, self.bytes, self.calls
 
 
-def trl_high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
-    """Returns TRL 1.16's ``get_high_entropy_mask(entropies, mask, 1 - rho)``, accelerate's gloo path inlined.
+def trl_high_entropy_mask():
+    """Returns ``select(entropies, mask, rho)``: TRL 1.16's own ``GRPOTrainer.get_high_entropy_mask`` on this group.
 
-    Raises RuntimeError from torch.quantile when the gathered tokens exceed 2**24.
+    The method runs unmodified with an accelerate ``Accelerator`` (MULTI_CPU, on the process group already
+    initialized here), so its ``pad_across_processes``, ``gather`` and ``torch.quantile`` are the real ones; it raises
+    RuntimeError from torch.quantile when the gathered tokens exceed 2**24. TRL is imported only here, in the
+    workers: the rest of the benchmark needs none of it.
     """
-    local = entropies[mask.bool()].float()
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, 1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(local.shape)[None])
-    max_size = int(torch.cat(sizes).max())
-    if max_size != local.numel():
-        padded = local.new_zeros(max_size) + TRL_PAD_VALUE
-        padded[: local.numel()] = local
-        local = padded
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
-    gathered = torch.cat(parts)
-    gathered = gathered[gathered != TRL_PAD_VALUE]
-    if gathered.numel() == 0:
-        return torch.zeros_like(entropies, dtype=torch.bool)
-    threshold = torch.quantile(gathered, 1 - rho)
-    return ((entropies * mask.float()) >= threshold) & mask.bool()
+    from accelerate import Accelerator
+    from trl import GRPOTrainer
+
+    trainer = types.SimpleNamespace(accelerator=Accelerator(cpu=True))
+    return lambda entropies, mask, rho: GRPOTrainer.get_high_entropy_mask(trainer, entropies, mask, 1 - rho)
 
 
 def _slowest(seconds: float) -> float:
@@ -126,16 +116,19 @@ def _timed(fn, counter: _ByteCounter) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, sizes, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # accelerate reads the rank layout from the environment, as under torchrun.
+    layout = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{k: str(v) for k, v in layout.items()})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    trl_select = trl_high_entropy_mask()
     counter = _ByteCounter()
     rows = []
     for n in sizes:
         entropies = entropy_like(n, seed=1000 * world + rank).view(1, n)
         mask = torch.ones(1, n, dtype=torch.bool)
         ours = _timed(lambda e=entropies, m=mask: forking_mask(e, m, RHO, group=dist.group.WORLD), counter)
-        trl = _timed(lambda e=entropies, m=mask: trl_high_entropy_mask(e, m, RHO), counter)
+        trl = _timed(lambda e=entropies, m=mask: trl_select(e, m, RHO), counter)
         k = num_selected(n * world, RHO)
         ours["exact_count"] = _total(int(ours.pop("result").sum())) == k
         if trl["raises"] is None:
