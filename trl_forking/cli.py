@@ -99,30 +99,35 @@ def _common() -> argparse.ArgumentParser:
     return parent
 
 
-def _sampling(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed}
+def _shared(args) -> dict:
+    """Returns the keyword arguments every subcommand passes on: inputs, compute and sampling options."""
+    return {
+        "completions": args.completions,
+        "prompts": args.prompts,
+        "rho": args.rho,
+        "num_samples": args.num_samples,
+        "num_generations": args.num_generations,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "chat_template": args.chat_template,
+        "progress": not args.no_progress,
+        "max_new_tokens": args.max_new_tokens,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
 
 
 def _analyze(args) -> None:
     analyze(
         args.model,
         args.output_dir,
-        prompts=args.prompts,
-        completions=args.completions,
-        rho=args.rho,
-        num_samples=args.num_samples,
-        num_generations=args.num_generations,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
         split=args.split,
         dataset_config=args.dataset_config,
         prompt_column=args.prompt_column,
-        chat_template=args.chat_template,
         top_tokens=args.top_tokens,
-        progress=not args.no_progress,
-        **_sampling(args),
+        **_shared(args),
     )
 
 
@@ -130,43 +135,16 @@ def _render(args) -> None:
     files = render(
         args.model,
         args.output_dir,
-        completions=args.completions,
-        prompts=args.prompts,
         indices=args.index,
-        rho=args.rho,
         per_sequence=args.per_sequence,
-        num_samples=args.num_samples,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        chat_template=args.chat_template,
         width=args.width,
-        progress=not args.no_progress,
-        num_generations=args.num_generations,
-        **_sampling(args),
+        **_shared(args),
     )
     print("wrote: " + ", ".join(files.values()))
 
 
 def _overlap(args) -> None:
-    overlap(
-        args.model_a,
-        args.model_b,
-        args.output_dir,
-        completions=args.completions,
-        prompts=args.prompts,
-        rho=args.rho,
-        num_samples=args.num_samples,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        chat_template=args.chat_template,
-        progress=not args.no_progress,
-        num_generations=args.num_generations,
-        **_sampling(args),
-    )
+    overlap(args.model_a, args.model_b, args.output_dir, **_shared(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
