@@ -32,7 +32,7 @@ def stub_trainer(rows, world, rank, accumulation, group):
         _forking_group=group,
         forking_generator=torch.Generator().manual_seed(0),
     )
-    for name in ("_select", "_forking_metrics"):
+    for name in ("_select", "_select_step", "_forking_metrics"):
         setattr(stub, name, getattr(ForkingGRPOTrainer, name).__get__(stub))
     entropies, mask = rows
     per_rank = ROWS // world

@@ -253,17 +253,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         for j in range(len(slices)):
             windows.setdefault((start + (j - start) % spg) // ga, []).append(j)
 
-        have_entropies = "forking_entropies" in slices[0]
-        for members in windows.values():
-            if not have_entropies:
-                break
-            entropies = torch.cat([slices[j]["forking_entropies"] for j in members])
-            mask = torch.cat([valid[j] for j in members])
-            selected = self._select(entropies, mask, scope)
-            # Logged when the step trains (see get_high_entropy_mask), so each logging step reports its own steps.
-            slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected)
-            for j, part in zip(members, selected.split([valid[j].size(0) for j in members]), strict=True):
-                slices[j]["forking_mask"] = part
+        if "forking_entropies" in slices[0]:
+            for members in windows.values():
+                self._select_step(slices, valid, members, scope)
 
         device = valid[0].device
         local_counts = torch.stack([v.sum() for v in valid]).to(device)
@@ -281,6 +273,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
             step_selected = per_slice_selected[members].sum()
             for j in members:
                 slices[j]["forking_step_selected"] = step_selected
+
+    def _select_step(self, slices: list[dict], valid: list[torch.Tensor], members: list[int], scope: str) -> None:
+        """Adds ``forking_mask`` to the micro-batches ``members`` of one optimizer step, selected over all of them
+        (and all ranks), and the step's metrics to the first of them."""
+        entropies = torch.cat([slices[j]["forking_entropies"] for j in members])
+        mask = torch.cat([valid[j] for j in members])
+        selected = self._select(entropies, mask, scope)
+        # Logged when the step trains (see get_high_entropy_mask), so each logging step reports its own steps.
+        slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected)
+        for j, part in zip(members, selected.split([valid[j].size(0) for j in members]), strict=True):
+            slices[j]["forking_mask"] = part
 
     # --- loss -----------------------------------------------------------------------------------------------------
 
