@@ -9,21 +9,26 @@ materialized: peak extra memory is one tile of ``chunk * vocab`` floats.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
 __all__ = ["DEFAULT_ENTROPY_BATCH_SIZE", "token_entropies"]
 
 DEFAULT_ENTROPY_BATCH_SIZE = 8
-_PATCHED_ATTR = "_trl_forking_fused_temperature"
 
 
-def _ensure_fused_head(model, temperature: float) -> None:
-    """Adds TRL's fused LM head (with entropy output) to ``model`` once per temperature."""
-    if getattr(model, _PATCHED_ATTR, None) == temperature:
-        return
-    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
-    setattr(model, _PATCHED_ATTR, temperature)
+def _fused_view(model, temperature: float):
+    """Returns a shallow copy of ``model`` with TRL's fused LM head (log-probs and entropy) at ``temperature``.
+
+    ``add_fused_lm_head`` replaces the ``forward`` of the module it is given. Patching a shallow copy (same
+    submodules and parameters, no tensor copied) leaves the caller's model as it was: a trainer's model keeps its own
+    fused head and temperature.
+    """
+    view = copy.copy(model)
+    add_fused_lm_head(view, temperature=temperature, outputs=("log_probs", "entropy"))
+    return view
 
 
 @torch.no_grad()
@@ -41,8 +46,7 @@ def token_entropies(
     ``(batch_size, L, vocab)`` logits.
 
     Args:
-        model: a causal LM (``PreTrainedModel``); TRL's fused head is added to it on first use (generation and the
-            ordinary forward are unchanged).
+        model: a causal LM (``PreTrainedModel``); it is not modified (the fused head goes on a shallow copy).
         input_ids: (B, L) token ids, prompt and completion.
         attention_mask: (B, L) 1 for real tokens; all ones when None.
         temperature: T in ``softmax(z / T)``; use the sampling temperature.
@@ -50,13 +54,13 @@ def token_entropies(
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _ensure_fused_head(model, temperature)
+    view = _fused_view(model, temperature)
     device = next(model.parameters()).device
     out = torch.zeros(input_ids.shape, dtype=torch.float32)
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         attn = attention_mask[start : start + batch_size].to(device)
         labels = ids.masked_fill(attn == 0, -100)
-        outputs = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
+        outputs = view(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
         out[start : start + batch_size, 1:] = outputs.entropy.float().cpu()
     return out * attention_mask.to(out.dtype).cpu()
