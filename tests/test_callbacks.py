@@ -109,10 +109,11 @@ def test_tensorboard_gets_histograms_scalars_and_the_token_table(tmp_path):
     events = EventAccumulator(str(tmp_path / "runs" / "forking_stats"), size_guidance={"histograms": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"forking/entropy", "forking/log10_entropy"} <= set(tags["histograms"])
-    assert [e.step for e in events.Histograms("forking/entropy")] == [1, 2]
-    assert "forking/entropy_p80" in tags["scalars"] and "forking/share_below_0.01" in tags["scalars"]
-    text = events.Tensors("forking/top_tokens/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert {"forking_stats/entropy", "forking_stats/log10_entropy"} <= set(tags["histograms"])
+    assert [e.step for e in events.Histograms("forking_stats/entropy")] == [1, 2]
+    # Only the percentiles the trainer does not log itself (it logs p50 / p80 / p95 as forking/entropy_pXX).
+    assert set(tags["scalars"]) == {f"forking_stats/entropy_p{p}" for p in (10, 25, 75, 90, 99)}
+    text = events.Tensors("forking_stats/top_tokens/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("| token | count |")
 
 
@@ -129,9 +130,9 @@ def test_wandb_gets_a_histogram_and_a_table_when_a_run_is_active(tmp_path, monke
     callback = ForkingStatsCallback(SimpleNamespace(forking_last_batch=None), every_n_steps=1)
     run_steps(callback, args, steps=2, accumulation=2)
     assert [entry["train/global_step"] for entry in logged] == [1, 2]
-    kind, (counts, edges) = logged[0]["forking/entropy"]
+    kind, (counts, edges) = logged[0]["forking_stats/entropy"]
     assert kind == "histogram" and len(edges) == len(counts) + 1
-    assert logged[0]["forking/top_tokens"][1][:2] == ["token", "count"]
+    assert logged[0]["forking_stats/top_tokens"][1][:2] == ["token", "count"]
 
 
 def test_without_a_trainer_the_callback_says_how_to_bind_one(tmp_path):
@@ -178,7 +179,7 @@ def test_a_real_training_run_logs_the_selected_top_rho_of_each_step(tiny_model_d
     (event_file,) = tmp_path.glob("runs/*/events.out.tfevents*")
     events = EventAccumulator(str(event_file.parent), size_guidance={"histograms": 0})
     events.Reload()
-    assert [e.step for e in events.Histograms("forking/entropy")] == [1, 2]
+    assert [e.step for e in events.Histograms("forking_stats/entropy")] == [1, 2]
     assert not (tmp_path / "runs" / "forking_stats").exists()
 
 

@@ -14,14 +14,17 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .analysis.stats import DEFAULT_LOW_ENTROPY, DEFAULT_PERCENTILES, forking_token_table, log_histogram
-from .analysis.tokens import token_strings
+from .metrics import PERCENTILES as TRAINER_PERCENTILES
 from .selection import entropy_quantiles
 
 __all__ = ["STATS_FILE", "ForkingStatsCallback", "step_statistics"]
 
 STATS_FILE = "forking_stats.jsonl"
 BATCH_KEYS = ("completion_ids", "entropies", "mask", "selected")
+# The callback's own TensorBoard / W&B names. The trainer already logs forking/threshold, forking/entropy_p50 /
+# p80 / p95 and forking/frac_entropy_below_0.01 over all ranks; the callback adds only what those lack, under a prefix
+# of its own (its statistics cover the main process's micro-batches), so no quantity appears under two names.
+PREFIX = "forking_stats"
 
 
 def step_statistics(token_ids, entropies, selected, top_tokens: int = 20, bins: int = 50, decode=None) -> dict:
@@ -40,6 +43,8 @@ def step_statistics(token_ids, entropies, selected, top_tokens: int = 20, bins: 
         bins: histogram bins.
         decode: optional ``id -> str`` for the table.
     """
+    from .analysis.stats import DEFAULT_LOW_ENTROPY, DEFAULT_PERCENTILES, forking_token_table, log_histogram
+
     n = entropies.numel()
     everything = torch.ones(n, dtype=torch.bool)
     quantiles = entropy_quantiles(entropies, everything, [p / 100 for p in DEFAULT_PERCENTILES])
@@ -75,10 +80,12 @@ class ForkingStatsCallback(TrainerCallback):
 
     - a JSONL file ``output_dir/forking_stats.jsonl``, always (one ``step_statistics`` object per logged step);
     - TensorBoard when ``"tensorboard"`` is in ``args.report_to`` (the writer of transformers' TensorBoardCallback
-      when it is there): histograms ``forking/entropy`` and ``forking/log10_entropy``, scalars of the percentiles,
-      share below 0.01 and selected minimum, text ``forking/top_tokens``;
-    - Weights & Biases when ``"wandb"`` is in ``args.report_to`` and a run is active: ``forking/entropy`` histogram
-      and ``forking/top_tokens`` table.
+      when it is there): histograms ``forking_stats/entropy`` and ``forking_stats/log10_entropy``, scalars of the
+      percentiles the trainer does not log (``forking_stats/entropy_p10``, p25, p75, p90, p99), text
+      ``forking_stats/top_tokens``. The trainer's own metrics (threshold, p50 / p80 / p95, share below 0.01) are not
+      repeated under a second name;
+    - Weights & Biases when ``"wandb"`` is in ``args.report_to`` and a run is active: ``forking_stats/entropy``
+      histogram and ``forking_stats/top_tokens`` table.
 
     Only the world process zero writes. The trainer (anything with ``forking_last_batch``) is given here, with
     ``bind``, or with ``ForkingStatsCallback.attach(trainer)``, since transformers does not pass the trainer to
@@ -171,6 +178,8 @@ class ForkingStatsCallback(TrainerCallback):
         pending, self._pending = self._pending, []
         if not pending or not state.is_world_process_zero:
             return
+        from .analysis.tokens import token_strings
+
         token_ids, entropies, selected = (torch.cat(parts) for parts in zip(*pending, strict=True))
         decode = None if self.tokenizer is None else (lambda i: token_strings(self.tokenizer, [i])[0])
         record = {"step": state.global_step}
@@ -199,19 +208,16 @@ class ForkingStatsCallback(TrainerCallback):
 
     def _log_tensorboard(self, args, record: dict, entropies: torch.Tensor) -> None:
         writer, step = self._tensorboard_writer(args), record["step"]
-        writer.add_histogram("forking/entropy", entropies, step)
+        writer.add_histogram(f"{PREFIX}/entropy", entropies, step)
         # The log view separates the near-deterministic mass from the forking tail, as the paper's histogram does.
         writer.add_histogram(
-            "forking/log10_entropy", torch.log10(entropies.clamp(min=record["histogram"]["floor"])), step
+            f"{PREFIX}/log10_entropy", torch.log10(entropies.clamp(min=record["histogram"]["floor"])), step
         )
+        logged_by_trainer = {f"p{p}" for p in TRAINER_PERCENTILES}
         for name, value in record["percentiles"].items():
-            writer.add_scalar(f"forking/entropy_{name}", value, step)
-        for cut, share in record["share_below"].items():
-            if share is not None:
-                writer.add_scalar(f"forking/share_below_{cut}", share, step)
-        if record["selected_min_entropy"] is not None:
-            writer.add_scalar("forking/selected_min_entropy", record["selected_min_entropy"], step)
-        writer.add_text("forking/top_tokens", _markdown_table(record["top_tokens"]), step)
+            if name not in logged_by_trainer:
+                writer.add_scalar(f"{PREFIX}/entropy_{name}", value, step)
+        writer.add_text(f"{PREFIX}/top_tokens", _markdown_table(record["top_tokens"]), step)
         writer.flush()
 
     def _log_wandb(self, record: dict) -> None:
@@ -233,8 +239,8 @@ class ForkingStatsCallback(TrainerCallback):
         # "train/global_step" is the step metric transformers' WandbCallback defines, so the charts line up.
         wandb.log(
             {
-                "forking/entropy": wandb.Histogram(np_histogram=(histogram["counts"], histogram["edges"])),
-                "forking/top_tokens": table,
+                f"{PREFIX}/entropy": wandb.Histogram(np_histogram=(histogram["counts"], histogram["edges"])),
+                f"{PREFIX}/top_tokens": table,
                 "train/global_step": record["step"],
             }
         )
