@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -17,7 +17,7 @@ from .config import ForkingGRPOConfig, ForkingOptions
 from .metrics import forking_metrics
 from .selection import forking_mask, num_selected
 
-__all__ = ["ForkingGRPOTrainer"]
+__all__ = ["PG_NORMALIZER_RATIOS", "ForkingGRPOTrainer", "TokenCounts"]
 
 logger = logging.get_logger(__name__)
 
@@ -41,51 +41,52 @@ _FORWARD_KEYS = (
 )
 
 
-def _per_sequence_ratio(trainer, selected, valid, inputs, mode):
-    """grpo / sapo average each sequence over its valid tokens: rescale row i by n_i / |selected_i|."""
-    num_selected_rows = selected.sum(-1, keepdim=True)
-    return torch.where(num_selected_rows > 0, valid.sum(-1, keepdim=True) / num_selected_rows.clamp(min=1), 0.0)
+@dataclass(frozen=True)
+class TokenCounts:
+    """Token counts of the population a policy-gradient denominator covers, pooled over all ranks.
 
-
-def _micro_batch_ratio(trainer, selected, valid, inputs, mode):
-    """bnpo averages over this micro-batch's valid tokens: rescale by n / |selected|."""
-    count = selected.sum()
-    return valid.sum() / count if count > 0 else torch.zeros((), device=valid.device)
-
-
-def _generation_batch_ratio(trainer, selected, valid, inputs, mode):
-    """dapo / cispo / vespo divide by TRL's global token count scaled to one optimizer step; swap in |selected|.
-
-    TRL's denominator is ``num_items_in_batch / P * GA / spg`` (train) or ``num_items_in_batch / P`` (eval); the
-    selected counterpart is ``S / P``, with S the selected tokens of the optimizer step over all P ranks.
+    ``trl`` is the number of tokens TRL's denominator stands for, ``selected`` the number of selected tokens that
+    replace them under ``forking_loss_normalization="selected"``.
     """
-    num_items = inputs["num_items_in_batch"].float()
-    if mode == "train":
-        num_items = num_items * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-        step_selected = inputs["forking_step_selected"].float()
-    else:
-        step_selected = selected.sum().float()
-        if trainer.accelerator.num_processes > 1:
-            dist.all_reduce(step_selected)
-    return num_items / step_selected if step_selected > 0 else torch.zeros((), device=valid.device)
+
+    trl: torch.Tensor
+    selected: torch.Tensor
+
+    def ratio(self) -> torch.Tensor:
+        """Returns ``trl / selected`` (0 when nothing is selected: then every weight is 0 anyway)."""
+        selected = self.selected.float()
+        return torch.where(selected > 0, self.trl.float() / selected.clamp(min=1), 0.0)
 
 
-def _unit_ratio(trainer, selected, valid, inputs, mode):
+def _per_sequence_ratio(selected, valid, counts):
+    """grpo / sapo average each sequence over its n_i valid tokens: row i gets ``n_i / s_i`` (s_i selected)."""
+    return TokenCounts(valid.sum(-1, keepdim=True), selected.sum(-1, keepdim=True)).ratio()
+
+
+def _population_ratio(selected, valid, counts):
+    """dapo / cispo / vespo / bnpo divide by a token count of the step (or micro-batch): ``trl / selected``."""
+    return counts.ratio()
+
+
+def _unit_ratio(selected, valid, counts):
     """dr_grpo (B * max_completion_length) and luspo (sum per sequence) count no tokens: nothing to rescale."""
     return 1.0
 
 
-# How to turn TRL's policy-gradient denominator into "number of selected tokens", per loss type.
+# How TRL's policy-gradient denominator D_all becomes the selected-token denominator D_sel, per loss type: the hook's
+# weights are ``m * r`` with ``r = D_all / D_sel``, so that ``sum(l * m * r) / D_all = sum(l * m) / D_sel``.
 PG_NORMALIZER_RATIOS = {
     "grpo": _per_sequence_ratio,
     "sapo": _per_sequence_ratio,
-    "bnpo": _micro_batch_ratio,
-    "dapo": _generation_batch_ratio,
-    "cispo": _generation_batch_ratio,
-    "vespo": _generation_batch_ratio,
+    "bnpo": _population_ratio,
+    "dapo": _population_ratio,
+    "cispo": _population_ratio,
+    "vespo": _population_ratio,
     "dr_grpo": _unit_ratio,
     "luspo": _unit_ratio,
 }
+# Loss types whose D_all is TRL's estimate of the optimizer step's tokens, ``num_items_in_batch * GA / spg``.
+_GENERATION_BATCH_NORMALIZED = ("dapo", "cispo", "vespo")
 
 
 class ForkingGRPOTrainer(GRPOTrainer):
@@ -93,17 +94,35 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     The only changes w.r.t. GRPOTrainer: which completion tokens enter the policy-gradient term of the loss
     (``forking_mask`` over the configured scope) and, with ``forking_loss_normalization="selected"``, its denominator
-    (the number of selected tokens instead of all tokens). TRL's loss code runs unchanged for every ``loss_type``: the
-    selection enters through TRL's own ``get_high_entropy_mask`` hook as per-token weights ``w = m * r``, with ``m``
-    the forking mask and ``r`` = (TRL's denominator) / (selected denominator), so that
-    ``sum(l * w) / D_all = sum(l * m) / D_selected``. The KL term keeps every completion token. An entropy bonus
-    (``entropy_coef``) acts on the selected tokens, as in TRL's ``top_entropy_quantile``.
+    (the number of selected tokens instead of all tokens). TRL's loss code runs unchanged for every ``loss_type``:
+    inside ``compute_loss`` the selection enters through TRL's own ``get_high_entropy_mask`` hook as per-token weights
+    ``w = m * r``, with ``m`` the forking mask and ``r = D_all / D_sel`` (``PG_NORMALIZER_RATIOS``), so that
+    ``sum(l * w) / D_all = sum(l * m) / D_sel``. Called from anywhere else, ``get_high_entropy_mask`` is TRL's.
+
+    Denominators under "selected" (all counts pooled over the ranks):
+
+    - dapo, cispo, vespo: the selected tokens of the optimizer step, ``S_step`` (TRL: the step's tokens);
+    - bnpo: TRL's micro-batch mean rescaled by ``N_step / S_step``, so it depends on the split exactly as TRL's bnpo
+      does (not at all when the micro-batches hold equal token counts);
+    - grpo, sapo: each sequence's selected tokens ``s_i`` (TRL: its tokens ``n_i``);
+    - dr_grpo, luspo: unchanged (no token count in them).
+
+    The KL term keeps every completion token. An entropy bonus (``entropy_coef``) is the mean entropy of the selected
+    tokens of each micro-batch under every loss type (TRL would weight it by ``w``; the difference is added back).
 
     Entropies for scope ``"step"`` (and ``"sequence"`` when available) come from the policy that generated the
     batch: read from TRL's old-log-prob forward when it runs one (vLLM importance sampling, ``num_iterations > 1``,
     ``steps_per_generation > gradient_accumulation_steps``), otherwise from one extra no-grad forward per generation
     batch (about a third of a training forward + backward). The selection is then fixed before the training forward.
     Scopes ``"micro_batch"`` and ``"local"`` use the training forward's entropies, as TRL and the authors' code do.
+
+    A micro-batch that did not pass through ``_prepare_inputs`` (no ``forking_mask`` / ``forking_step_selected``
+    keys, e.g. ``compute_loss`` called on the output of ``_generate_and_score_completions``) is selected on its own
+    over all ranks, as scope ``"micro_batch"`` does, with the micro-batch's counts in place of the step's. Evaluation
+    does the same (there is no accumulation in evaluation).
+
+    Random selection draws from a generator seeded by ``(seed, rank, optimizer step)`` (evaluation: its own stream),
+    so resuming from a checkpoint continues it exactly with no extra state, and evaluation never shifts it.
 
     The constructor is GRPOTrainer's: swap the class name in an existing TRL script. A plain ``GRPOConfig`` works:
     its ``top_entropy_quantile`` is rho (TRL's default 1.0 trains on every token) and the other options take the
@@ -139,12 +158,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 "generation batches gets one threshold per generation batch."
             )
         self.top_entropy_quantile = min(self.forking.top_entropy_quantile, _HOOK_ALWAYS_ON)
-        # One stream per rank, saved with each checkpoint, so "random" resumes where it stopped.
-        self.forking_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         # The last micro-batch's completion_ids, entropies, mask and selected tokens, for callbacks and analysis.
         self.forking_last_batch: dict[str, torch.Tensor] | None = None
         self._forking_inputs = None
         self._forking_capture = None
+        self._forking_bonus_correction = None
+        self._forking_eval_draws = 0
         # transformers never hands callbacks the trainer; give ours this one so `callbacks=[ForkingStatsCallback()]`
         # works as is.
         for callback in self.callback_handler.callbacks:
@@ -157,7 +176,19 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _forking_group(self):
         return dist.group.WORLD if self.accelerator.num_processes > 1 else None
 
-    def _select(self, entropies, valid, scope):
+    def _forking_generator(self, stream: str, index: str) -> torch.Generator | None:
+        """Returns the generator of the random selection for ``(seed, rank, stream, index)`` (None unless "random").
+
+        Derived, not stored: the same step draws the same tokens after a resume, and one stream never shifts another
+        (evaluation draws from "eval", training from "step" / "micro_step").
+        """
+        if self.forking.forking_selection != "random":
+            return None
+        key = f"{self.args.seed}/{self.accelerator.process_index}/{stream}/{index}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return torch.Generator().manual_seed(seed)
+
+    def _select(self, entropies, valid, scope, generator=None):
         """Returns the (B, T) forking mask of one population of tokens under ``scope``."""
         return forking_mask(
             entropies,
@@ -166,7 +197,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.forking.forking_selection,
             per_sequence=scope == "sequence",
             group=None if scope == "local" else self._forking_group,
-            generator=self.forking_generator,
+            generator=generator,
         )
 
     def _forking_metrics(self, entropies, valid, selected) -> dict[str, float]:
@@ -232,9 +263,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return inputs
 
     def _select_generation_batch(self, slices: list[dict]) -> None:
-        """Adds to each micro-batch of a new generation batch its forking mask (when known now), the number of
-        selected tokens of its optimizer step over all ranks (the "selected" denominator of dapo-like losses) and, on
-        one micro-batch per step, that step's forking metrics.
+        """Adds to each micro-batch of a new generation batch its forking mask (when known now), the numbers of
+        valid and selected tokens of its optimizer step over all ranks (``forking_step_valid``,
+        ``forking_step_selected``: the denominators) and, on one micro-batch per step, that step's forking metrics.
 
         Micro-batch j is first trained at micro-step ``t_j = s + ((j - s) mod spg)`` (TRL indexes the buffer by
         ``step % spg``); micro-batches with the same ``t_j // GA`` form one optimizer step, whose tokens on every rank
@@ -254,8 +285,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
             windows.setdefault((start + (j - start) % spg) // ga, []).append(j)
 
         if "forking_entropies" in slices[0]:
-            for members in windows.values():
-                self._select_step(slices, valid, members, scope)
+            for window, members in windows.items():
+                # The optimizer step this window trains at, counted from the start of training (resume included).
+                step = self.state.global_step + window - start // ga
+                self._select_step(slices, valid, members, scope, self._forking_generator("step", str(step)))
 
         device = valid[0].device
         local_counts = torch.stack([v.sum() for v in valid]).to(device)
@@ -270,16 +303,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
             dist.all_reduce(totals, group=self._forking_group)
         per_slice_selected = num_selected(totals[0], rho, selection) if scope == "micro_batch" else totals[1]
         for members in windows.values():
-            step_selected = per_slice_selected[members].sum()
+            step_valid, step_selected = totals[0][members].sum(), per_slice_selected[members].sum()
             for j in members:
+                slices[j]["forking_step_valid"] = step_valid
                 slices[j]["forking_step_selected"] = step_selected
 
-    def _select_step(self, slices: list[dict], valid: list[torch.Tensor], members: list[int], scope: str) -> None:
+    def _select_step(self, slices, valid, members, scope, generator) -> None:
         """Adds ``forking_mask`` to the micro-batches ``members`` of one optimizer step, selected over all of them
         (and all ranks), and the step's metrics to the first of them."""
         entropies = torch.cat([slices[j]["forking_entropies"] for j in members])
         mask = torch.cat([valid[j] for j in members])
-        selected = self._select(entropies, mask, scope)
+        selected = self._select(entropies, mask, scope, generator)
         # Logged when the step trains (see get_high_entropy_mask), so each logging step reports its own steps.
         slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected)
         for j, part in zip(members, selected.split([valid[j].size(0) for j in members]), strict=True):
@@ -288,64 +322,115 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # --- loss -----------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._forking_inputs = inputs
+        coef = self._entropy_bonus_coef()  # read before TRL's adaptive controller updates it
+        self._forking_inputs, self._forking_bonus_correction = inputs, None
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._forking_inputs = None
+        if self._forking_bonus_correction is not None and coef:
+            loss = loss + coef * self._forking_bonus_correction
+        self._forking_bonus_correction = None
+        return loss
+
+    def _entropy_bonus_coef(self) -> float:
+        """Returns the entropy-bonus coefficient TRL applies to the coming micro-batch (0 when the bonus is off)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Returns the (B, T) weights of the policy-gradient term: the forking mask times the normalizer ratio.
+        """Returns TRL's high-entropy mask, or, inside ``compute_loss``, the (B, T) weights of the forking selection.
 
-        Called by TRL's loss with the training forward's (B, T) ``entropies`` and the (B, T) loss ``mask``;
-        ``threshold`` (TRL's quantile) is unused: the selection follows the forking options.
+        Outside ``compute_loss`` (any caller but TRL's loss on our path) this is ``GRPOTrainer.get_high_entropy_mask``:
+        the bool mask of the valid tokens whose entropy reaches the ``threshold`` quantile. Inside, TRL's loss calls it
+        with the training forward's (B, T) ``entropies`` and loss ``mask``; ``threshold`` is then unused and the
+        weights ``m * r`` of the class docstring are returned.
         """
-        inputs = self._forking_inputs
+        inputs = getattr(self, "_forking_inputs", None)
+        if inputs is None:
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+        return self._policy_gradient_weights(entropies, mask, inputs)
+
+    def _policy_gradient_weights(self, entropies: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Returns the (B, T) float weights ``m * r`` for one micro-batch and publishes it in ``forking_last_batch``."""
         mode = "train" if self.model.training else "eval"
         valid = mask.bool()
         selected = inputs.get("forking_mask") if mode == "train" else None
         if selected is None:
-            entropies = entropies.detach()
-            if self.forking.forking_scope == "sequence" and mode == "train" and "forking_entropies" in inputs:
-                entropies = inputs["forking_entropies"]
-            # In eval there is no accumulation: the micro-batch on all ranks is the step.
             scope = "micro_batch" if self.forking.forking_scope == "step" else self.forking.forking_scope
-            selected = self._select(entropies, valid, scope)
-            self._log_forking_metrics(self._forking_metrics(entropies, valid, selected), mode)
+            scores = entropies.detach()
+            if scope == "sequence" and mode == "train" and "forking_entropies" in inputs:
+                scores = inputs["forking_entropies"]
+            if mode == "train":
+                # (optimizer step, position in its accumulation window): the same after a resume, which restarts TRL's
+                # micro-step counter at a step boundary.
+                position = self._step % self.current_gradient_accumulation_steps
+                generator = self._forking_generator("micro_step", f"{self.state.global_step}.{position}")
+            else:
+                self._forking_eval_draws += 1
+                generator = self._forking_generator("eval", str(self._forking_eval_draws))
+            selected = self._select(scores, valid, scope, generator)
+            self._log_forking_metrics(self._forking_metrics(scores, valid, selected), mode)
         else:
-            entropies = inputs["forking_entropies"]
+            scores = inputs["forking_entropies"]
             if "forking_step_metrics" in inputs:
                 self._log_forking_metrics(inputs["forking_step_metrics"], mode)
         self.forking_last_batch = {
             "completion_ids": inputs["completion_ids"],
-            "entropies": entropies,
+            "entropies": scores,
             "mask": valid,
             "selected": selected,
         }
-        if self.forking.forking_loss_normalization == "all":
-            return selected.to(torch.float32)
-        ratio = PG_NORMALIZER_RATIOS[self.loss_type](self, selected, valid, inputs, mode)
-        return selected.to(torch.float32) * ratio
+        weights = selected.to(torch.float32)
+        if self.forking.forking_loss_normalization == "selected":
+            counts = self._token_counts(inputs, mode, valid, selected)
+            weights = weights * PG_NORMALIZER_RATIOS[self.loss_type](selected, valid, counts)
+        if self._entropy_bonus_enabled:
+            self._correct_entropy_bonus(entropies, mask, selected, weights, mode)
+        return weights
 
-    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def _token_counts(self, inputs: dict, mode: str, valid: torch.Tensor, selected: torch.Tensor) -> TokenCounts | None:
+        """Returns the counts of the population the loss type's denominator covers (None for per-sequence losses).
 
-    def _forking_state_path(self, checkpoint_dir: str) -> str:
-        return os.path.join(checkpoint_dir, f"forking_state_{self.args.process_index}.pt")
+        In training, with the step's counts known: ``(num_items * GA / spg, S_step)`` for dapo-like losses (TRL's
+        estimate of the step's tokens, so that the step's update divides by exactly ``S_step``) and
+        ``(N_step, S_step)`` for bnpo. Otherwise (evaluation, or a micro-batch that skipped ``_prepare_inputs``): the
+        micro-batch's ``(N, S)`` over all ranks.
+        """
+        if self.loss_type not in _GENERATION_BATCH_NORMALIZED and self.loss_type != "bnpo":
+            return None
+        if mode == "train" and "forking_step_selected" in inputs:
+            if self.loss_type == "bnpo":
+                return TokenCounts(inputs["forking_step_valid"], inputs["forking_step_selected"])
+            step_tokens = inputs["num_items_in_batch"].float() * (
+                self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            )
+            return TokenCounts(step_tokens, inputs["forking_step_selected"])
+        totals = torch.stack([valid.sum(), selected.sum()]).float()
+        if self._forking_group is not None:
+            dist.all_reduce(totals, group=self._forking_group)
+        return TokenCounts(totals[0], totals[1])
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        torch.save({"generator": self.forking_generator.get_state()}, self._forking_state_path(checkpoint_dir))
+    def _correct_entropy_bonus(self, entropies, mask, selected, weights, mode) -> None:
+        """Makes TRL's entropy bonus the mean entropy of the selected tokens whatever the weights.
 
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = self._forking_state_path(checkpoint)
-        if os.path.isfile(path):
-            self.forking_generator.set_state(torch.load(path)["generator"])
-        else:
-            logger.warning(f"No forking state at {path}: the random selection restarts from its seed.")
+        TRL's bonus (and its adaptive controller's statistics) average the entropy with ``mask * weights``; with
+        per-sequence ratios (grpo, sapo under "selected") that is not the mean over the selected tokens. The
+        difference, divided by the accumulation factor as TRL divides its bonus, is kept for ``compute_loss`` to add
+        (``loss - c * H_trl + c * (H_trl - H_sel)``); the controller's window is pre-corrected by the same difference.
+        """
+        trl_weights = mask * weights
+        ours = mask * selected
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        trl_mean = (entropies * trl_weights).sum() / trl_weights.sum().clamp(min=1.0)
+        our_mean = (entropies * ours).sum() / ours.sum().clamp(min=1.0)
+        self._forking_bonus_correction = (trl_mean - our_mean) / accumulation
+        if self.use_adaptive_entropy and mode == "train":
+            # TRL adds ``[sum(H * mask * w), sum(mask * w)]`` to its window right after this hook returns.
+            trl_stats = torch.stack([(entropies * trl_weights).sum(), trl_weights.sum()]).detach()
+            our_stats = torch.stack([(entropies * ours).sum(), ours.sum()]).detach().to(trl_stats.dtype)
+            window = self._entropy_window_stats
+            self._entropy_window_stats = (our_stats - trl_stats) + (0 if window is None else window)

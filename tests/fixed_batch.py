@@ -1,0 +1,147 @@
+"""Run ForkingGRPOTrainer's real ``_prepare_inputs`` + ``compute_loss`` over a fixed generation batch.
+
+Generation and the model forward are replaced by fixed tensors: the policy's per-token log-probs and entropies are
+leaf tensors, so the gradient of everything TRL's loss and our weights do with them can be compared with a reference
+written by hand. Rows are identified by their first completion token (``ROW_TOKEN + row``), since TRL shuffles the
+generation batch before splitting it into micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOTrainer
+
+ROW_TOKEN = 100
+PROMPT = [5, 6, 7]
+
+
+@dataclass
+class FixedBatch:
+    """A generation batch: (B, T) float tensors, a (B, T) 0/1 mask and (B,) advantages."""
+
+    logps: torch.Tensor
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    entropies: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+
+    @property
+    def shape(self):
+        return tuple(self.mask.shape)
+
+
+def make_batch(rows: int, cols: int, seed: int, ragged: bool = True) -> FixedBatch:
+    """Returns a random batch with distinct, well separated entropies (no ties at any threshold) and ratios
+    exp(log pi - log pi_old) in [0.6, 1.65], so that the clipped losses clip some tokens and not others."""
+    generator = torch.Generator().manual_seed(seed)
+    entropies = (torch.randperm(rows * cols, generator=generator).float().view(rows, cols) + 1) / (rows * cols)
+    logps = -torch.rand(rows, cols, generator=generator) * 3 - 0.05
+    log_ratio = torch.rand(rows, cols, generator=generator) - 0.5
+    ref_gap = (torch.rand(rows, cols, generator=generator) - 0.5) * 0.6
+    if ragged:
+        lengths = torch.randint(1, cols + 1, (rows,), generator=generator)
+        lengths[0] = cols
+    else:
+        lengths = torch.full((rows,), cols)
+    mask = (torch.arange(cols) < lengths.unsqueeze(1)).long()
+    advantages = torch.randn(rows, generator=generator)
+    advantages[-1] = 0.0  # a group whose rewards were all equal
+    return FixedBatch(logps, logps - log_ratio, logps + ref_gap, entropies, mask, advantages)
+
+
+def generation_output(batch: FixedBatch) -> dict:
+    """Returns what TRL's ``_generate_and_score_completions`` would return for ``batch`` (one rank)."""
+    rows, cols = batch.shape
+    completion_ids = torch.zeros(rows, cols, dtype=torch.long)
+    completion_ids[:, 0] = ROW_TOKEN + torch.arange(rows)
+    return {
+        "prompt_ids": torch.tensor([PROMPT] * rows),
+        "prompt_mask": torch.ones(rows, len(PROMPT), dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_mask": batch.mask.clone(),
+        "advantages": batch.advantages.clone(),
+        "num_items_in_batch": batch.mask.sum(),
+        "old_per_token_logps": batch.old_logps.clone(),
+        "ref_per_token_logps": batch.ref_logps.clone(),
+    }
+
+
+def row_order(input_ids: torch.Tensor) -> list[int]:
+    """Returns the batch row of each row of a micro-batch's (b, P + T) input ids."""
+    return (input_ids[:, len(PROMPT)] - ROW_TOKEN).tolist()
+
+
+def run_step(trainer, batch: FixedBatch, monkeypatch, accumulation: int = 1):
+    """Returns ``(logps, entropies, losses, micro_batches)`` after one optimizer step's micro-batches went through the
+    trainer's real ``_prepare_inputs`` and ``compute_loss`` and each loss was back-propagated.
+
+    ``logps`` and ``entropies`` are the (B, T) leaves (their ``.grad`` holds the step's gradient); ``micro_batches``
+    are the inputs ``compute_loss`` received.
+    """
+    logps = batch.logps.clone().requires_grad_(True)
+    entropies = batch.entropies.clone().requires_grad_(True)
+    output = generation_output(batch)
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(output))
+    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: batch.entropies[row_order_of(b)].clone())
+
+    def forward(model, input_ids, *args, **kwargs):
+        order = row_order(input_ids)
+        return logps[order], entropies[order], None
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
+    trainer._buffered_inputs = None
+    trainer._step = 0
+    trainer.current_gradient_accumulation_steps = accumulation  # set by the training loop, bypassed here
+    trainer.model.train()
+    losses, micro_batches = [], []
+    for _ in range(accumulation):
+        inputs = trainer._prepare_inputs([{}])
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        micro_batches.append(inputs)
+        trainer._step += 1
+    return logps, entropies, losses, micro_batches
+
+
+def row_order_of(generation_batch: dict) -> list[int]:
+    """Returns the batch row of each row of a generation batch (before TRL's shuffle: in order)."""
+    return (generation_batch["completion_ids"][:, 0] - ROW_TOKEN).tolist()
+
+
+def selected_rows(micro_batches: list[dict], shape) -> torch.Tensor:
+    """Returns the (B, T) forking mask the trainer put on the micro-batches, in batch-row order."""
+    selected = torch.zeros(shape, dtype=torch.bool)
+    for inputs in micro_batches:
+        order = (inputs["completion_ids"][:, 0] - ROW_TOKEN).tolist()
+        selected[order] = inputs["forking_mask"]
+    return selected
+
+
+def scripted_generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    """Stands in for ``GRPOTrainer._generate_single_turn``: completions that depend only on the prompt and its
+    occurrence in the call (the k-th completion of a group), never on the global RNG, the rank or the batch split.
+
+    Lengths vary from 2 to ``max_completion_length`` tokens (all of that length when ``self.scripted_equal_lengths``);
+    there is no EOS, so every completion token counts.
+    """
+    seen: dict[tuple, int] = {}
+    completions = []
+    for ids in prompt_ids:
+        key = tuple(int(i) for i in ids)
+        occurrence = seen.get(key, 0)
+        seen[key] = occurrence + 1
+        digest = hashlib.blake2b(f"{key}/{occurrence}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        longest = self.max_completion_length
+        length = (
+            longest
+            if getattr(self, "scripted_equal_lengths", False)
+            else int(torch.randint(2, longest + 1, (1,), generator=generator))
+        )
+        completions.append(torch.randint(10, 400, (length,), generator=generator).tolist())
+    return completions, None
