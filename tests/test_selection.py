@@ -48,7 +48,8 @@ def random_case(generator, ties: bool):
 @pytest.mark.parametrize("selection", ["top", "bottom"])
 @pytest.mark.parametrize("rho", [1e-4, 0.2, 0.33, 0.5, 1.0])
 def test_forking_mask_matches_naive_reference_on_random_shapes_and_ties(selection, rho):
-    generator = torch.Generator().manual_seed(hash((selection, rho)) % 2**31)
+    # A fixed seed per case (not hash(), which Python randomizes per process for strings).
+    generator = torch.Generator().manual_seed(int(rho * 10**6) * 2 + (selection == "bottom"))
     for trial in range(60):
         entropies, mask = random_case(generator, ties=trial % 2 == 0)
         got = forking_mask(entropies, mask, rho, selection)

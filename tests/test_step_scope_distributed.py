@@ -30,7 +30,8 @@ def stub_trainer(rows, world, rank, accumulation, group):
         args=types.SimpleNamespace(steps_per_generation=accumulation, gradient_accumulation_steps=accumulation),
         _step=0,
         _forking_group=group,
-        forking_generator=torch.Generator().manual_seed(0),
+        state=types.SimpleNamespace(global_step=0),
+        _forking_generator=lambda stream, index: None,
     )
     for name in ("_select", "_select_step", "_forking_metrics"):
         setattr(stub, name, getattr(ForkingGRPOTrainer, name).__get__(stub))
@@ -50,6 +51,7 @@ def stub_trainer(rows, world, rank, accumulation, group):
     ForkingGRPOTrainer._select_generation_batch(stub, slices)
     selected = {int(r): s["forking_mask"][i] for s in slices for i, r in enumerate(s["row_ids"])}
     step_selected = {int(s["forking_step_selected"]) for s in slices}
+    assert {int(s["forking_step_valid"]) for s in slices} == {int(mask.sum())}
     metrics = [s["forking_step_metrics"] for s in slices if "forking_step_metrics" in s]
     return selected, step_selected, metrics
 

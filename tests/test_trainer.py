@@ -1,13 +1,17 @@
-"""ForkingGRPOTrainer: config validation, the loss against hand computations, gradients, scope invariance, resume."""
+"""ForkingGRPOTrainer: config validation, the loss against hand computations, scope invariance, random-stream resume.
+
+The gradient of every loss type against a hand-written reference is in test_loss_reference.py.
+"""
 
 import logging
 import math
 
 import pytest
 import torch
+from fixed_batch import scripted_generate
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
+from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, num_selected
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"]
 
@@ -294,11 +298,22 @@ def test_drop_in_plain_grpo_script_trains_and_changes_every_parameter(tiny_model
         model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=prompt_dataset
     )
     before = {name: param.clone() for name, param in trainer.model.named_parameters()}
+    step_tokens = []
+    original = trainer._select_step
+
+    def record(slices, valid, members, scope, generator):
+        step_tokens.append(int(sum(valid[j].sum() for j in members)))
+        original(slices, valid, members, scope, generator)
+
+    trainer._select_step = record
     trainer.train()
     for name, param in trainer.model.named_parameters():
         assert not torch.equal(before[name], param), f"{name} did not change"
     logged = [entry for entry in trainer.state.log_history if "forking/threshold" in entry]
-    assert logged and all(entry["forking/selected_fraction"] <= 0.25 for entry in logged)
+    # logging_steps=1: each entry is one step's exact share, ceil(0.2 * N) / N of that step's N tokens.
+    assert [entry["forking/selected_fraction"] for entry in logged] == pytest.approx(
+        [num_selected(n, 0.2) / n for n in step_tokens], rel=1e-6
+    )
     metric_names = {
         "forking/threshold", "forking/selected_fraction", "forking/entropy_selected_mean",
         "forking/entropy_unselected_mean", "forking/entropy_p50", "forking/entropy_p80", "forking/entropy_p95",
@@ -329,18 +344,63 @@ def test_entropies_come_from_trls_old_logprob_pass_without_an_extra_forward(tiny
     assert calls == {1: 2, 2: 0}
 
 
-def test_resume_continues_the_random_selection_stream(tiny_model_dir, prompt_dataset, tmp_path):
-    common = dict(forking_selection="random", max_steps=2, save_strategy="steps", save_steps=1)
+def record_selections(trainer):
+    """Returns the list that will hold (global step, completion ids, selected) of every training micro-batch."""
+    seen = []
+    original = trainer.get_high_entropy_mask
+
+    def hook(entropies, mask, threshold):
+        weights = original(entropies, mask, threshold)
+        if trainer.model.training:
+            batch = trainer.forking_last_batch
+            seen.append((trainer.state.global_step, batch["completion_ids"].clone(), batch["selected"].clone()))
+        return weights
+
+    trainer.get_high_entropy_mask = hook
+    return seen
+
+
+@pytest.mark.parametrize("scope", ["step", "micro_batch"])
+def test_resume_draws_the_same_random_tokens_as_an_uninterrupted_run(tiny_model_dir, prompt_dataset, tmp_path, scope):
+    common = dict(forking_selection="random", forking_scope=scope, max_steps=3, save_strategy="steps", save_steps=1)
     full = make_trainer(tiny_model_dir, prompt_dataset, make_args(tmp_path / "full", **common))
+    full_seen = record_selections(full)
     full.train()
-    state_after_full = full.forking_generator.get_state()
-    last_full = full.forking_last_batch
 
     resumed = make_trainer(tiny_model_dir, prompt_dataset, make_args(tmp_path / "resumed", **common))
+    resumed_seen = record_selections(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
-    assert torch.equal(resumed.forking_generator.get_state(), state_after_full)
-    assert torch.equal(resumed.forking_last_batch["completion_ids"], last_full["completion_ids"])
-    assert torch.equal(resumed.forking_last_batch["selected"], last_full["selected"])
+    # The resumed run trains steps 1 and 2; the random stream is derived from (seed, rank, step): no saved state.
+    assert [s for s, _, _ in resumed_seen] == [1, 2]
+    for (step, ids, selected), (step_full, ids_full, selected_full) in zip(resumed_seen, full_seen[1:], strict=True):
+        assert step == step_full and torch.equal(ids, ids_full)
+        assert torch.equal(selected, selected_full)
+    assert not list((tmp_path / "full").glob("checkpoint-*/forking_state*"))
+
+
+def test_evaluation_does_not_shift_the_random_selection_of_training(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch
+):
+    # Sampling during evaluation advances torch's global RNG, which TRL's generation and its shuffle of the generation
+    # batch read; both are fixed here, so the training micro-batches are the same with and without evaluation, and so
+    # must be the randomly selected tokens (the old shared generator gave training what evaluation left of it).
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", scripted_generate)
+    monkeypatch.setattr("trl.trainer.grpo_trainer.shuffle_sequence_dict", lambda batch: batch)
+    runs = {}
+    for evaluating in (False, True):
+        extra = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4) if evaluating else {}
+        args = make_args(tmp_path / str(evaluating), forking_selection="random", max_steps=3, **extra)
+        trainer = ForkingGRPOTrainer(
+            model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=prompt_dataset,
+            eval_dataset=prompt_dataset.select(range(4)) if evaluating else None,
+        )  # fmt: skip
+        runs[evaluating] = record_selections(trainer)
+        trainer.train()
+        if evaluating:
+            assert any("eval_forking/selected_fraction" in entry for entry in trainer.state.log_history)
+    assert len(runs[False]) == len(runs[True]) == 3
+    for (_, ids, selected), (_, ids_eval, selected_eval) in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(ids, ids_eval) and torch.equal(selected, selected_eval)
 
 
 @pytest.mark.parametrize(
@@ -383,8 +443,9 @@ def test_every_scope_and_selection_trains_the_expected_share_of_tokens(
     if scope in ("micro_batch", "local"):  # one threshold per micro-batch of 2 completions
         expected = sum(math.ceil(0.2 * sum(rows) - 1e-9) for _, rows in shares)
     assert selected == expected
-    logged = next(entry for entry in trainer.state.log_history if "forking/selected_fraction" in entry)
-    assert logged["forking/selected_fraction"] == pytest.approx(expected / total, rel=0.2)
+    if scope in ("step", "sequence"):  # one metric entry per optimizer step: the logged share is exact
+        logged = next(entry for entry in trainer.state.log_history if "forking/selected_fraction" in entry)
+        assert logged["forking/selected_fraction"] == pytest.approx(expected / total, rel=1e-6)
 
 
 def test_evaluation_selects_and_logs_forking_metrics(tiny_model_dir, prompt_dataset, tmp_path):
@@ -396,6 +457,18 @@ def test_evaluation_selects_and_logs_forking_metrics(tiny_model_dir, prompt_data
         train_dataset=prompt_dataset,
         eval_dataset=prompt_dataset.select(range(4)),
     )
+    counts = []
+    original = trainer.get_high_entropy_mask
+
+    def hook(entropies, mask, threshold):
+        counts.append(int(mask.sum()))
+        return original(entropies, mask, threshold)
+
+    trainer.get_high_entropy_mask = hook
     metrics = trainer.evaluate()
-    assert metrics["eval_forking/selected_fraction"] == pytest.approx(0.2, abs=0.05)
+    # 4 prompts x 4 completions in micro-batches of 4, each selected on its own (as scope "micro_batch"); TRL
+    # averages the per-batch metrics.
+    assert len(counts) == 4
+    expected = sum(num_selected(n, 0.2) / n for n in counts) / len(counts)
+    assert metrics["eval_forking/selected_fraction"] == pytest.approx(expected, rel=1e-6)
     assert metrics["eval_forking/threshold"] >= metrics["eval_forking/entropy_p50"]
