@@ -30,6 +30,7 @@ from trl_forking.analysis import (
     top_rho_threshold,
 )
 from trl_forking.analysis.inputs import read_inputs
+from trl_forking.selection import forking_mask, num_selected
 
 # Printable text the tiny tokenizer was trained on, so that every token decodes on its own.
 COMPLETIONS = [
@@ -102,7 +103,7 @@ def test_percentiles_share_and_threshold_match_a_sorted_list(shape, ties):
             # nearest rank: the ceil(p/100 * N)-th smallest
             assert summary["percentiles"][f"p{p}"] == pytest.approx(values[max(1, math.ceil(p / 100 * n)) - 1])
         assert summary["share_below"]["0.01"] == pytest.approx(sum(v < 0.01 for v in values) / n)
-        k = math.ceil(round(rho * n, 6))
+        k = num_selected(n, rho)
         assert summary["num_selected"] == k
         # the k-th largest value is the smallest entropy that is still selected
         assert summary["threshold"] == pytest.approx(sorted(values, reverse=True)[k - 1])
@@ -110,9 +111,30 @@ def test_percentiles_share_and_threshold_match_a_sorted_list(shape, ties):
 
 
 def test_threshold_of_ten_tokens_at_rho_point_two_is_the_second_largest():
-    # 0.2 * 10 is 2.0000000000000004 in floating point; ceil must still give k = 2, so the 2nd largest, 8.
+    # k = ceil(0.2 * 10) = 2, so the threshold is the 2nd largest of 0 .. 9: 8.
     entropies = torch.arange(10, dtype=torch.float32).reshape(2, 5)
     assert top_rho_threshold(entropies, torch.ones_like(entropies), 0.2) == 8.0
+
+
+@pytest.mark.parametrize(
+    ("rho", "n", "k"),
+    [
+        (0.2, 10, 2),  # 0.2 * 10 rounds to exactly 2.0 in float64: no error to absorb
+        (0.7, 10, 7),  # likewise 7.0
+        (0.28, 25, 7),  # 0.28 * 25 = 7.000000000000001 in float64: a plain ceil gives 8
+        (0.56, 25, 14),  # 14.000000000000002: a plain ceil gives 15
+        (0.07, 100, 7),  # 7.000000000000001: a plain ceil gives 8
+        (0.20000001, 10, 3),  # 2.0000001 is above 2, so 3 tokens; rounding rho * N to 6 decimals first gave 2
+        (0.1, 3, 1),  # ceil(0.3)
+        (1.0, 7, 7),
+    ],
+)
+def test_summary_counts_the_tokens_forking_mask_selects_whatever_the_float_error_of_rho_times_n(rho, n, k):
+    entropies = torch.arange(n, dtype=torch.float32).reshape(1, n)  # distinct: the top k are n - k .. n - 1
+    mask = torch.ones_like(entropies, dtype=torch.bool)
+    summary = entropy_summary(entropies, mask, rho)
+    assert summary["num_selected"] == k == num_selected(n, rho) == int(forking_mask(entropies, mask, rho).sum())
+    assert summary["threshold"] == n - k
 
 
 def test_summary_of_no_tokens_is_empty_not_an_error():
@@ -377,7 +399,7 @@ def test_render_html_holds_every_token_in_order_and_marks_the_top_rho(tiny, comp
         assert "".join(html.unescape(text) for _, text in spans) == completion
         n_total += len(spans)
         n_marked += sum(bool(fork) for fork, _ in spans)
-    assert n_marked == math.ceil(round(0.2 * n_total, 6))
+    assert n_marked == num_selected(n_total, 0.2)
     assert_valid_png(files["png"])
 
 
@@ -406,7 +428,7 @@ def test_overlap_with_a_model_of_another_seed_is_below_one(
     tiny_model_dir, other_model_dir, completions_file, tmp_path, capsys
 ):
     result = overlap(tiny_model_dir, other_model_dir, str(tmp_path), completions=completions_file, progress=False)
-    assert result["num_selected"] == math.ceil(round(0.2 * result["num_tokens"], 6))
+    assert result["num_selected"] == num_selected(result["num_tokens"], 0.2)
     assert result["overlap"] < 1.0 and result["spearman"] < 1.0
     assert len(result["per_completion"]) == len(COMPLETIONS)
     assert "top-0.2 overlap" in capsys.readouterr().out
@@ -451,5 +473,5 @@ def test_render_per_sequence_marks_the_top_rho_of_each_completion(tiny, completi
     sections = open(files["html"], encoding="utf-8").read().split('<section class="completion">')[1:]
     for section in sections:
         spans = re.findall(r'<span class="tok( fork)?"', section)
-        # k = ceil(rho * n_i) per completion, with the float error of rho * n_i rounded off as num_selected does
-        assert sum(bool(s) for s in spans) == math.ceil(round(0.3 * len(spans), 6))
+        # k = ceil(rho * n_i) per completion, rounded as the library's num_selected rounds it
+        assert sum(bool(s) for s in spans) == num_selected(len(spans), 0.3)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from ..selection import check_quantile, entropy_quantiles, forking_mask
+from ..selection import check_quantile, entropy_quantiles, forking_mask, num_selected
 
 __all__ = [
     "DEFAULT_HISTOGRAM_FLOOR",
@@ -67,9 +67,10 @@ def entropy_summary(
 ) -> dict:
     """Returns a JSON-ready dict of the entropy distribution of the valid tokens.
 
-    Keys: ``num_tokens`` N; ``num_selected`` k = ceil(rho * N); ``rho``; ``mean``; ``percentiles`` {"p10": ..., ...},
-    the nearest-rank p-th percentile being the ceil(p/100 * N)-th smallest; ``share_below`` {"0.01": share of tokens
-    with H < low}; ``threshold`` (``top_rho_threshold``). With N == 0 every value is None.
+    Keys: ``num_tokens`` N; ``num_selected`` k = ceil(rho * N) as ``selection.num_selected`` rounds it (the number
+    of tokens ``forking_mask`` selects); ``rho``; ``mean``; ``percentiles`` {"p10": ..., ...}, the nearest-rank p-th
+    percentile being the ceil(p/100 * N)-th smallest; ``share_below`` {"0.01": share of tokens with H < low};
+    ``threshold`` (``top_rho_threshold``). With N == 0 every value is None.
 
     Args:
         entropies: (B, T) entropies.
@@ -84,7 +85,7 @@ def entropy_summary(
     quantiles = entropy_quantiles(entropies, mask, [p / 100 for p in percentiles])
     return {
         "num_tokens": n,
-        "num_selected": math.ceil(round(n * rho, 6)),
+        "num_selected": num_selected(n, rho),
         "rho": rho,
         "mean": float(values.mean()) if n else None,
         "percentiles": {
