@@ -1,9 +1,11 @@
 """The trl-forking command line: each subcommand end to end on the tiny model, and one-line errors on bad input."""
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -109,6 +111,53 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
     result = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert result["num_completions"] == 6 and 0.0 <= result["overlap"] < 1.0
     assert "Spearman" in capsys.readouterr().out
+
+
+# --- a light parser -------------------------------------------------------------------------------------------------
+
+
+def test_building_the_parser_imports_no_torch_transformers_matplotlib_or_analysis():
+    # The package root imports the trainer (torch) whatever the command line does, so the root's __init__ is skipped:
+    # what is measured is what trl_forking.cli itself imports to build the parser and print --help.
+    code = textwrap.dedent(
+        """
+        import contextlib, importlib.util, io, json, sys, types
+
+        root = types.ModuleType("trl_forking")
+        root.__path__ = list(importlib.util.find_spec("trl_forking").submodule_search_locations)
+        sys.modules["trl_forking"] = root
+        from trl_forking.cli import build_parser
+
+        for argv in (["--help"], ["overlap", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                build_parser().parse_args(argv)
+            assert "usage: trl-forking" in out.getvalue()
+        print(json.dumps(sorted(sys.modules)))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout))
+    heavy = {"torch", "transformers", "trl", "matplotlib", "datasets", "numpy", "tqdm"}
+    assert not {name.split(".")[0] for name in loaded} & heavy
+    assert {name for name in loaded if name.startswith("trl_forking")} == {
+        "trl_forking",
+        "trl_forking.cli",
+        "trl_forking.defaults",
+    }
+
+
+def test_defaults_without_torch_equal_the_library_defaults():
+    from trl_forking import defaults, entropy
+    from trl_forking.analysis import analyze
+    from trl_forking.analysis.sampling import sample_completions
+
+    assert defaults.DEFAULT_ENTROPY_BATCH_SIZE == entropy.DEFAULT_ENTROPY_BATCH_SIZE
+    assert inspect.signature(analyze).parameters["batch_size"].default == entropy.DEFAULT_ENTROPY_BATCH_SIZE
+    assert inspect.signature(sample_completions).parameters["max_new_tokens"].default == defaults.DEFAULT_MAX_NEW_TOKENS
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
 
 
 def bad_inputs(tmp_path, tiny_model_dir):

@@ -1,6 +1,9 @@
 """The ``trl-forking`` command line: ``analyze``, ``render`` and ``overlap``, each a thin parser over
 ``trl_forking.analysis``.
 
+The analysis package (torch, transformers, matplotlib) is imported only when a subcommand runs: building the parser,
+and so ``--help`` or a usage error, needs only ``trl_forking.defaults``, which imports nothing.
+
 Bad input (a missing model or file, an empty dataset, a malformed JSONL line, rho out of range, an unwritable output
 directory) ends with one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -10,10 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .analysis import DEFAULT_RHO, analyze, overlap, render
-from .analysis.render import DEFAULT_WIDTH
-from .analysis.sampling import DEFAULT_MAX_NEW_TOKENS
-from .entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from .defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RHO, DEFAULT_TOP_TOKENS, DEFAULT_WIDTH
 
 __all__ = ["build_parser", "main"]
 
@@ -120,6 +120,8 @@ def _shared(args) -> dict:
 
 
 def _analyze(args) -> None:
+    from .analysis import analyze
+
     analyze(
         args.model,
         args.output_dir,
@@ -132,6 +134,8 @@ def _analyze(args) -> None:
 
 
 def _render(args) -> None:
+    from .analysis import render
+
     files = render(
         args.model,
         args.output_dir,
@@ -144,6 +148,8 @@ def _render(args) -> None:
 
 
 def _overlap(args) -> None:
+    from .analysis import overlap
+
     overlap(args.model_a, args.model_b, args.output_dir, **_shared(args))
 
 
@@ -159,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write report.json, entropy_histogram.png and forking_tokens.png and print a summary.",
     )
     analyze_parser.add_argument("--model", required=True, help="model directory or Hub name")
-    analyze_parser.add_argument("--top-tokens", type=_positive(int), default=20, help="rows of the forking-token table")
+    analyze_parser.add_argument(
+        "--top-tokens", type=_positive(int), default=DEFAULT_TOP_TOKENS, help="rows of the forking-token table"
+    )
     analyze_parser.set_defaults(run=_analyze)
 
     render_parser = commands.add_parser(

@@ -5,10 +5,11 @@ them directly. Entropies come from ``trl_forking.entropy.token_entropies`` (chun
 the top-rho selection from ``trl_forking.selection.forking_mask``, as in training.
 """
 
+from ..defaults import DEFAULT_RHO
 from .inputs import load_completions, load_prompts, read_inputs
 from .overlap import compare_entropies, format_overlap, overlap
 from .render import render, render_html, render_png
-from .report import DEFAULT_RHO, analyze, format_summary, position_profile
+from .report import analyze, format_summary, position_profile
 from .sampling import load_model, sample_completions
 from .scoring import ScoredCompletions, score_completions
 from .stats import (

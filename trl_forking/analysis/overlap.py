@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_RHO
 from ..selection import check_quantile, forking_mask
 from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .sampling import ensure_model, load_tokenizer, obtain_records
@@ -117,7 +117,7 @@ def overlap(
     prompts=None,
     tokenizer_a=None,
     tokenizer_b=None,
-    rho: float = 0.2,
+    rho: float = DEFAULT_RHO,
     num_samples: int | None = None,
     temperature: float = 1.0,
     batch_size: int = DEFAULT_ENTROPY_BATCH_SIZE,

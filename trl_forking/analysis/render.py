@@ -9,7 +9,7 @@ import os
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_RHO, DEFAULT_WIDTH
 from ..selection import check_quantile, forking_mask
 from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .plots import save_figure
@@ -22,7 +22,6 @@ __all__ = ["HTML_FILE", "PNG_FILE", "render", "render_html", "render_png", "shad
 HTML_FILE, PNG_FILE = "forking_tokens.html", "forking_tokens_render.png"
 SHADE_RGB = (255, 140, 0)  # orange; alpha carries the entropy
 MARK_RGB = (200, 0, 0)  # the underline of a top-rho token
-DEFAULT_WIDTH = 100  # characters per line in the PNG
 
 
 def shade(entropies: list[float]) -> tuple[list[float], float, float]:
@@ -173,7 +172,7 @@ def render(
     prompts=None,
     tokenizer=None,
     indices: list[int] | None = None,
-    rho: float = 0.2,
+    rho: float = DEFAULT_RHO,
     per_sequence: bool = False,
     num_samples: int | None = None,
     temperature: float = 1.0,

@@ -7,18 +7,17 @@ import os
 
 import torch
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RHO, DEFAULT_TOP_TOKENS
 from ..selection import check_quantile, forking_mask
 from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
 from .plots import plot_entropy_histogram, plot_forking_tokens
-from .sampling import DEFAULT_MAX_NEW_TOKENS, ensure_model, obtain_records
+from .sampling import ensure_model, obtain_records
 from .scoring import score_completions
 from .stats import DEFAULT_LOW_ENTROPY, DEFAULT_PERCENTILES, entropy_summary, forking_token_table, log_histogram
 from .tokens import token_strings
 
-__all__ = ["DEFAULT_RHO", "analyze", "format_summary", "position_profile"]
+__all__ = ["analyze", "format_summary", "position_profile"]
 
-DEFAULT_RHO = 0.2  # the paper's best ratio
 REPORT_FILE = "report.json"
 HISTOGRAM_FILE = "entropy_histogram.png"
 TOKENS_FILE = "forking_tokens.png"
@@ -85,7 +84,7 @@ def analyze(
     dataset_config: str | None = None,
     prompt_column: str | None = None,
     chat_template: bool = False,
-    top_tokens: int = 20,
+    top_tokens: int = DEFAULT_TOP_TOKENS,
     bins: int = 50,
     seed: int | None = 0,
     progress: bool = True,

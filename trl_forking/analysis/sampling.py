@@ -7,6 +7,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from .inputs import looks_like_path, write_jsonl
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
 ]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_SAMPLING_BATCH_SIZE = 8
 
 
