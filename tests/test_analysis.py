@@ -434,6 +434,33 @@ def test_overlap_with_a_model_of_another_seed_is_below_one(
     assert "top-0.2 overlap" in capsys.readouterr().out
 
 
+def test_overlap_with_prompts_scores_under_model_b_exactly_what_model_a_sampled(
+    tiny_model_dir, other_model_dir, tmp_path
+):
+    sampled = overlap(
+        tiny_model_dir,
+        other_model_dir,
+        str(tmp_path / "sampled"),
+        prompts=["What is 1 + 2?", "Simplify 4 / 2."],
+        num_generations=2,
+        max_new_tokens=10,
+        progress=False,
+        verbose=False,
+    )
+    records = load_completions(sampled["files"]["completions"])
+    assert len(records) == 4 and sampled["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
+    rescored = overlap(
+        tiny_model_dir,
+        other_model_dir,
+        str(tmp_path / "rescored"),
+        completions=sampled["files"]["completions"],
+        progress=False,
+        verbose=False,
+    )
+    sampled.pop("files"), rescored.pop("files")
+    assert sampled == rescored  # every statistic, per completion and per bucket
+
+
 def test_overlap_rejects_models_with_different_vocabularies(tiny_model_dir, completions_file, tmp_path):
     from trl_forking import build_tiny_model
 

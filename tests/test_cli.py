@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from trl_forking.cli import main
+from trl_forking.cli import _shared, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,76 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
     assert "Spearman" in capsys.readouterr().out
 
 
+# --- every input option reaches every subcommand --------------------------------------------------------------------
+
+
+def model_args(command, tiny_model_dir, other_model_dir):
+    """The model options of ``command``: one model for analyze and render, two for overlap."""
+    if command == "overlap":
+        return ["--model-a", tiny_model_dir, "--model-b", other_model_dir]
+    return ["--model", tiny_model_dir]
+
+
+@pytest.fixture(scope="module")
+def dataset_dict_dir(tmp_path_factory):
+    """A saved DatasetDict whose train split and default column hold other prompts than validation's "question"."""
+    from datasets import Dataset, DatasetDict
+
+    path = str(tmp_path_factory.mktemp("cli-datasetdict") / "ds")
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"prompt": ["train 0", "train 1", "train 2"], "question": ["q0", "q1", "q2"]}),
+            "validation": Dataset.from_dict(
+                {"prompt": ["not this column", "nor this"], "question": ["What is 2 + 2?", "What is 3 + 5?"]}
+            ),
+        }
+    ).save_to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["analyze", "render", "overlap"])
+def test_split_and_prompt_column_choose_the_prompts_of_every_subcommand(
+    command, tiny_model_dir, other_model_dir, dataset_dict_dir, tmp_path
+):
+    argv = [command, *model_args(command, tiny_model_dir, other_model_dir), "--prompts", dataset_dict_dir]
+    argv += ["--split", "validation", "--prompt-column", "question", "--max-new-tokens", "4"]
+    assert main([*argv, "-o", str(tmp_path), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["What is 2 + 2?", "What is 3 + 5?"]
+
+
+@pytest.mark.parametrize("command", ["analyze", "render", "overlap"])
+def test_dataset_config_and_split_reach_the_hub_loader_in_every_subcommand(
+    command, tiny_model_dir, other_model_dir, tmp_path, monkeypatch
+):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None):  # stands in for the Hub
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"problem": ["What is 1 + 1?"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    argv = [command, *model_args(command, tiny_model_dir, other_model_dir), "--prompts", "some-org/some-set"]
+    argv += ["--dataset-config", "en", "--split", "test", "--max-new-tokens", "4", "-o", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    assert calls == [("some-org/some-set", "en", "test")]
+
+
+def test_every_subcommand_passes_every_option_of_the_input_pipeline():
+    from trl_forking.analysis.pipeline import score_inputs
+
+    options = {name for name, p in inspect.signature(score_inputs).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    for command, models in (
+        ("analyze", ["--model", "m"]),
+        ("render", ["--model", "m"]),
+        ("overlap", ["--model-a", "a", "--model-b", "b"]),
+    ):
+        args = build_parser().parse_args([command, *models, "--completions", "c.jsonl", "-o", "out"])
+        assert set(_shared(args)) == options | {"rho"}, command
+
+
 # --- a light parser -------------------------------------------------------------------------------------------------
 
 
@@ -149,11 +219,11 @@ def test_building_the_parser_imports_no_torch_transformers_matplotlib_or_analysi
 
 def test_defaults_without_torch_equal_the_library_defaults():
     from trl_forking import defaults, entropy
-    from trl_forking.analysis import analyze
+    from trl_forking.analysis.pipeline import score_inputs
     from trl_forking.analysis.sampling import sample_completions
 
     assert defaults.DEFAULT_ENTROPY_BATCH_SIZE == entropy.DEFAULT_ENTROPY_BATCH_SIZE
-    assert inspect.signature(analyze).parameters["batch_size"].default == entropy.DEFAULT_ENTROPY_BATCH_SIZE
+    assert inspect.signature(score_inputs).parameters["batch_size"].default == entropy.DEFAULT_ENTROPY_BATCH_SIZE
     assert inspect.signature(sample_completions).parameters["max_new_tokens"].default == defaults.DEFAULT_MAX_NEW_TOKENS
 
 

@@ -68,6 +68,9 @@ def _common() -> argparse.ArgumentParser:
     inputs.add_argument("--dataset-config", help="dataset configuration of --prompts")
     inputs.add_argument("--prompt-column", help="column of --prompts holding the prompt (default: prompt/problem/...)")
     inputs.add_argument("--num-samples", type=_positive(int), help="use the first N prompts or completions")
+    inputs.add_argument(
+        "--index", type=int, nargs="+", help="0-based completions to use, after --num-samples and sampling"
+    )
     compute = parent.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -100,12 +103,17 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _shared(args) -> dict:
-    """Returns the keyword arguments every subcommand passes on: inputs, compute and sampling options."""
+    """Returns the keyword arguments every subcommand passes on: rho, and the input, sampling and compute options of
+    ``trl_forking.analysis.score_inputs``."""
     return {
         "completions": args.completions,
         "prompts": args.prompts,
         "rho": args.rho,
         "num_samples": args.num_samples,
+        "split": args.split,
+        "dataset_config": args.dataset_config,
+        "prompt_column": args.prompt_column,
+        "indices": args.index,
         "num_generations": args.num_generations,
         "temperature": args.temperature,
         "batch_size": args.batch_size,
@@ -122,28 +130,13 @@ def _shared(args) -> dict:
 def _analyze(args) -> None:
     from .analysis import analyze
 
-    analyze(
-        args.model,
-        args.output_dir,
-        split=args.split,
-        dataset_config=args.dataset_config,
-        prompt_column=args.prompt_column,
-        top_tokens=args.top_tokens,
-        **_shared(args),
-    )
+    analyze(args.model, args.output_dir, top_tokens=args.top_tokens, **_shared(args))
 
 
 def _render(args) -> None:
     from .analysis import render
 
-    files = render(
-        args.model,
-        args.output_dir,
-        indices=args.index,
-        per_sequence=args.per_sequence,
-        width=args.width,
-        **_shared(args),
-    )
+    files = render(args.model, args.output_dir, per_sequence=args.per_sequence, width=args.width, **_shared(args))
     print("wrote: " + ", ".join(files.values()))
 
 
@@ -177,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write forking_tokens.html (standalone) and forking_tokens_render.png.",
     )
     render_parser.add_argument("--model", required=True, help="model directory or Hub name")
-    render_parser.add_argument("--index", type=int, nargs="+", help="0-based completions to render (default: all)")
     render_parser.add_argument(
         "--per-sequence", action="store_true", help="mark the top-rho of each completion on its own"
     )

@@ -7,17 +7,14 @@ and Spearman's rank correlation of their entropies.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 
 import torch
 
-from ..defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_RHO
+from ..defaults import DEFAULT_RHO
 from ..selection import check_quantile, forking_mask
-from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
-from .sampling import ensure_model, load_tokenizer, obtain_records
-from .scoring import score_completions
+from .pipeline import score_inputs
 from .stats import spearman, top_rho_overlap
 
 __all__ = ["OVERLAP_FILE", "compare_entropies", "format_overlap", "overlap"]
@@ -102,83 +99,44 @@ def format_overlap(result: dict, max_rows: int = 10) -> str:
         )
     if result["num_completions"] > max_rows:
         lines.append(f"... {result['num_completions'] - max_rows} more in {OVERLAP_FILE}")
+    if "files" in result:
+        lines.append("wrote: " + ", ".join(result["files"].values()))
     return "\n".join(lines)
-
-
-def _name(model) -> str:
-    return model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
 
 
 def overlap(
     model_a,
     model_b,
     output_dir: str,
-    completions=None,
-    prompts=None,
+    *,
     tokenizer_a=None,
     tokenizer_b=None,
     rho: float = DEFAULT_RHO,
-    num_samples: int | None = None,
-    temperature: float = 1.0,
-    batch_size: int = DEFAULT_ENTROPY_BATCH_SIZE,
-    device: str = "auto",
-    dtype: str = "auto",
-    chat_template: bool = False,
-    progress: bool = True,
     verbose: bool = True,
-    **sampling,
+    **options,
 ) -> dict:
     """Returns the ``compare_entropies`` result of two models on the same completions (plus model names and the
-    output file) after writing it to ``output_dir/overlap.json`` and, with ``verbose``, printing a summary.
+    output files) after writing it to ``output_dir/overlap.json`` and, with ``verbose``, printing a summary.
 
     Models given by name are loaded one after the other and released in between, so peak memory is one model. With
-    ``prompts``, completions are sampled from model A (``sampling`` goes to ``sample_completions``) and saved to
-    ``output_dir/completions.jsonl``.
+    ``prompts``, completions are sampled from model A, saved to ``output_dir/completions.jsonl``, and model B scores
+    exactly those tokens.
 
     Args:
         model_a, model_b: names or paths, or loaded causal LMs (then pass their tokenizers). Both must share one
             vocabulary, since the same token ids are scored.
         output_dir: created if needed.
-        completions, prompts, num_samples, temperature, batch_size, device, dtype, chat_template, progress: as in
-            ``analyze``.
+        tokenizer_a, tokenizer_b: the tokenizers of loaded models.
         rho: share of tokens compared, in (0, 1].
+        verbose: print the summary.
+        **options: the input, sampling and compute options of ``pipeline.score_inputs``, as in ``analyze``.
     """
     rho = check_quantile(rho, "rho")
-    output_dir = ensure_output_dir(output_dir)
-    inputs = read_inputs(prompts, completions, num_samples)
-    files = {"overlap": os.path.join(output_dir, OVERLAP_FILE)}
-    if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
-    names = _name(model_a), _name(model_b)
-    # Tokenizers first: a missing model or a vocabulary mismatch is reported before any model is scored.
-    tokenizers = [
-        t if t is not None else load_tokenizer(m) for m, t in ((model_a, tokenizer_a), (model_b, tokenizer_b))
-    ]
-    if tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
-        raise ValueError(
-            f"the models have different vocabularies ({names[0]}, {names[1]}); both must score the same token ids"
-        )
-    scores = []
-    for model, tokenizer in zip((model_a, model_b), tokenizers, strict=True):
-        loaded, tokenizer = ensure_model(model, tokenizer, device, dtype)
-        records = obtain_records(
-            loaded,
-            tokenizer,
-            inputs,
-            files.get("completions"),
-            temperature=temperature,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            progress=progress,
-            **sampling,
-        )
-        inputs = read_inputs(completions=records)  # model B scores exactly what model A sampled
-        scores.append(score_completions(loaded, tokenizer, records, temperature, batch_size, chat_template, progress))
-        if isinstance(model, str):
-            del loaded
-            gc.collect()
-    result = {"model_a": names[0], "model_b": names[1], "temperature": temperature}
-    result.update(compare_entropies(scores[0].entropies, scores[1].entropies, rho))
+    scored = score_inputs([model_a, model_b], output_dir, [tokenizer_a, tokenizer_b], **options)
+    result = {"model_a": scored.names[0], "model_b": scored.names[1], "temperature": scored.temperature}
+    result.update(compare_entropies(scored.scores[0].entropies, scored.scores[1].entropies, rho))
+    files = dict(scored.files)
+    files["overlap"] = os.path.join(scored.output_dir, OVERLAP_FILE)
     result["files"] = files
     with open(files["overlap"], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_MAX_NEW_TOKENS
-from .inputs import looks_like_path, write_jsonl
+from .inputs import looks_like_path
 
 __all__ = [
     "DTYPES",
@@ -17,7 +17,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "max_positions",
-    "obtain_records",
     "resolve_device",
     "sample_completions",
 ]
@@ -200,14 +199,3 @@ def ensure_model(model, tokenizer=None, device: str = "auto", dtype: str = "auto
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a loaded model; pass tokenizer=...")
     return model, tokenizer
-
-
-def obtain_records(model, tokenizer, inputs, save_to: str | None = None, **sampling) -> list[dict]:
-    """Returns ``inputs.records``, or completions sampled from ``inputs.prompts`` with ``sample_completions(model,
-    tokenizer, prompts, **sampling)`` (then also written to the JSONL file ``save_to`` when given)."""
-    if inputs.records is not None:
-        return inputs.records
-    records = sample_completions(model, tokenizer, inputs.prompts, **sampling)
-    if save_to is not None:
-        write_jsonl(save_to, records)
-    return records
