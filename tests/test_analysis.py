@@ -15,6 +15,7 @@ from PIL import Image
 from trl_forking.analysis import (
     analyze,
     compare_entropies,
+    entropy_change_by_bucket,
     entropy_summary,
     forking_token_table,
     load_completions,
@@ -233,6 +234,118 @@ def test_compare_entropies_pools_and_splits_per_completion():
     assert result["per_completion_mean"]["overlap"] == 0.75
 
 
+def naive_entropy_change(a: list[float], b: list[float], buckets: int) -> list[tuple]:
+    """(count, min A, max A, mean A, mean B, mean B - A, mean |B - A|) per bucket, from plain Python lists.
+
+    The boundaries are the ceil(j * N / buckets)-th smallest of A (integer ceiling, no floats); a token goes to the
+    bucket numbered by how many boundaries lie strictly below its A entropy.
+    """
+    n, ordered = len(a), sorted(a)
+    boundaries = [ordered[-(-j * n // buckets) - 1] for j in range(1, buckets)]
+    members = [[] for _ in range(buckets)]
+    for x, y in zip(a, b, strict=True):
+        members[sum(v < x for v in boundaries)].append((x, y))
+    rows = []
+    for pairs in members:
+        if not pairs:
+            rows.append((0, None, None, None, None, None, None))
+            continue
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+        changes = [y - x for x, y in pairs]
+        rows.append(
+            (
+                len(pairs),
+                min(xs),
+                max(xs),
+                sum(xs) / len(xs),
+                sum(ys) / len(ys),
+                sum(changes) / len(changes),
+                sum(abs(c) for c in changes) / len(changes),
+            )
+        )
+    return rows
+
+
+CHANGE_KEYS = (
+    "num_tokens",
+    "entropy_a_min",
+    "entropy_a_max",
+    "mean_entropy_a",
+    "mean_entropy_b",
+    "mean_change",
+    "mean_abs_change",
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 11, 33, 101, 1000])
+@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values"])
+@pytest.mark.parametrize("buckets", [10, 3])
+def test_entropy_change_by_bucket_matches_sorted_lists(n, kind, buckets):
+    g = torch.Generator().manual_seed(n + buckets)
+    if kind == "distinct":
+        a = torch.randperm(n, generator=g).float() / 7  # (n,) no ties
+    else:  # exact zeros and 0.005 mixed in, many ties; "few_values": a handful of distinct values
+        a = random_batch((1, n), seed=n + buckets, ties=kind == "few_values")[0][0]
+    b = (a + torch.randn(n, generator=g) * 0.5).clamp(min=0)
+    rows = entropy_change_by_bucket(a, b, buckets)
+    expected = naive_entropy_change(a.tolist(), b.tolist(), buckets)
+    assert [row["bucket"] for row in rows][:: buckets - 1] == (
+        ["0-10%", "90-100%"] if buckets == 10 else ["0-33.3333%", "66.6667-100%"]
+    )
+    for row, naive in zip(rows, expected, strict=True):
+        assert row["num_tokens"] == naive[0]
+        assert (row["entropy_a_min"], row["entropy_a_max"]) == (naive[1], naive[2])  # exact: values of A
+        for key, value in zip(CHANGE_KEYS[3:], naive[3:], strict=True):
+            assert row[key] == (None if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+    if kind == "distinct":
+        # Without ties bucket j holds exactly the ranks ceil(j N / buckets) + 1 .. ceil((j + 1) N / buckets).
+        edges = [-(-j * n // buckets) for j in range(buckets + 1)]
+        assert [row["num_tokens"] for row in rows] == [hi - lo for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+def test_entropy_change_by_bucket_keeps_ties_together_in_the_lowest_bucket_they_reach():
+    # Ten tokens, six at H = 0 under A. The decile boundaries are the 1st, 2nd, ..., 9th smallest: 0, 0, 0, 0, 0, 0,
+    # 1, 2, 3. No boundary lies below 0, so all six zeros are in "0-10%" and "10-20%" to "50-60%" are empty; 1 lies
+    # above six boundaries ("60-70%"), 2, 3 and 4 above seven, eight and nine.
+    a = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0, 1.0, 5.0, 4.0])
+    rows = entropy_change_by_bucket(a, b)
+    assert [row["num_tokens"] for row in rows] == [6, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert rows[0]["mean_change"] == pytest.approx(0.1) and rows[0]["mean_entropy_b"] == pytest.approx(0.1)  # 0.6 / 6
+    assert rows[1]["mean_change"] is None and rows[1]["entropy_a_min"] is None
+    assert [rows[j]["mean_change"] for j in (6, 7, 8, 9)] == [0.0, -1.0, 2.0, 0.0]
+    # Two buckets of [1, 2, 3, 4]: the boundary is the 2nd smallest, 2. Changes +1 and -1 below it average to 0 while
+    # their absolute values average to 1; above it, 0 and +1.
+    rows = entropy_change_by_bucket(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.0, 5.0]), buckets=2)
+    assert [(r["bucket"], r["mean_change"], r["mean_abs_change"]) for r in rows] == [
+        ("0-50%", 0.0, 1.0),
+        ("50-100%", 0.5, 0.5),
+    ]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_decile_boundaries_are_the_percentiles_analyze_reports(ties):
+    entropies, mask = random_batch((9, 50), seed=11, ties=ties)
+    a = entropies[mask]
+    rows = entropy_change_by_bucket(a, a)
+    p = entropy_summary(entropies, mask, 0.2, percentiles=range(10, 100, 10))["percentiles"]
+    for j, row in enumerate(rows):
+        if row["num_tokens"]:
+            assert j == 0 or row["entropy_a_min"] > p[f"p{10 * j}"]
+            assert j == 9 or row["entropy_a_max"] <= p[f"p{10 * (j + 1)}"]
+            assert row["mean_change"] == 0.0 and row["mean_abs_change"] == 0.0
+    assert sum(row["num_tokens"] for row in rows) == a.numel()
+
+
+def test_entropy_change_by_bucket_of_no_tokens_has_empty_buckets_and_rejects_bad_input():
+    rows = entropy_change_by_bucket(torch.zeros(0), torch.zeros(0), buckets=4)
+    assert [row["num_tokens"] for row in rows] == [0] * 4 and rows[0]["mean_change"] is None
+    with pytest.raises(ValueError, match=r"buckets must be an integer >= 1, got 0"):
+        entropy_change_by_bucket(torch.ones(3), torch.ones(3), buckets=0)
+    with pytest.raises(ValueError, match="same shape"):
+        entropy_change_by_bucket(torch.ones(3), torch.ones(4))
+
+
 @pytest.mark.parametrize("n", [1, 17, 500])
 def test_log_histogram_counts_every_value_once_on_increasing_log_edges(n):
     values = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 5
@@ -422,6 +535,10 @@ def test_overlap_of_a_model_with_itself_is_one(tiny_model_dir, completions_file,
     assert result["overlap"] == 1.0 and result["spearman"] == pytest.approx(1.0)
     assert all(row["overlap"] == 1.0 for row in result["per_completion"])
     assert json.load(open(tmp_path / "overlap.json"))["overlap"] == 1.0
+    # The same model scores the same tokens: no bucket changes.
+    buckets = result["entropy_change_by_bucket"]
+    assert sum(row["num_tokens"] for row in buckets) == result["num_tokens"]
+    assert all(row["mean_abs_change"] == 0.0 for row in buckets if row["num_tokens"])
 
 
 def test_overlap_with_a_model_of_another_seed_is_below_one(
@@ -431,7 +548,22 @@ def test_overlap_with_a_model_of_another_seed_is_below_one(
     assert result["num_selected"] == num_selected(result["num_tokens"], 0.2)
     assert result["overlap"] < 1.0 and result["spearman"] < 1.0
     assert len(result["per_completion"]) == len(COMPLETIONS)
-    assert "top-0.2 overlap" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top-0.2 overlap" in out and "mean |B-A|" in out and "90-100%" in out
+    buckets = json.load(open(tmp_path / "overlap.json"))["entropy_change_by_bucket"]
+    assert buckets == result["entropy_change_by_bucket"] and len(buckets) == 10
+    # The bucket means, weighted by their counts, give back each model's mean entropy over all tokens.
+    model_a, tokenizer = load_model(tiny_model_dir, device="cpu")
+    model_b, _ = load_model(other_model_dir, device="cpu")
+    records = load_completions(completions_file)
+    h_a = torch.cat(score_completions(model_a, tokenizer, records, progress=False).entropies).double()
+    h_b = torch.cat(score_completions(model_b, tokenizer, records, progress=False).entropies).double()
+    filled = [row for row in buckets if row["num_tokens"]]
+    assert sum(r["num_tokens"] * r["mean_entropy_a"] for r in filled) / h_a.numel() == pytest.approx(float(h_a.mean()))
+    assert sum(r["num_tokens"] * r["mean_change"] for r in filled) / h_a.numel() == pytest.approx(
+        float((h_b - h_a).mean()), abs=1e-6
+    )
+    assert_valid_png(result["files"]["entropy_change"])
 
 
 def test_overlap_with_prompts_scores_under_model_b_exactly_what_model_a_sampled(

@@ -103,6 +103,8 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
                 completions,
                 "-o",
                 str(tmp_path / "o"),
+                "--buckets",
+                "4",
                 "--no-progress",
             ]
         )
@@ -110,7 +112,12 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
     )
     result = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert result["num_completions"] == 6 and 0.0 <= result["overlap"] < 1.0
-    assert "Spearman" in capsys.readouterr().out
+    buckets = result["entropy_change_by_bucket"]
+    assert [row["bucket"] for row in buckets] == ["0-25%", "25-50%", "50-75%", "75-100%"]
+    assert sum(row["num_tokens"] for row in buckets) == result["num_tokens"]
+    assert (tmp_path / "o" / "entropy_change_by_bucket.png").stat().st_size > 5_000
+    out = capsys.readouterr().out
+    assert "Spearman" in out and "75-100%" in out
 
 
 # --- every input option reaches every subcommand --------------------------------------------------------------------

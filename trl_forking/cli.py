@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .defaults import DEFAULT_ENTROPY_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RHO, DEFAULT_TOP_TOKENS, DEFAULT_WIDTH
+from .defaults import (
+    DEFAULT_ENTROPY_BATCH_SIZE,
+    DEFAULT_ENTROPY_BUCKETS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_RHO,
+    DEFAULT_TOP_TOKENS,
+    DEFAULT_WIDTH,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -143,7 +150,7 @@ def _render(args) -> None:
 def _overlap(args) -> None:
     from .analysis import overlap
 
-    overlap(args.model_a, args.model_b, args.output_dir, **_shared(args))
+    overlap(args.model_a, args.model_b, args.output_dir, buckets=args.buckets, **_shared(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,12 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     overlap_parser = commands.add_parser(
         "overlap",
         parents=[_common()],
-        help="share of top-rho positions two models have in common, and entropy rank correlation",
-        description="Score the same completions with two models; write overlap.json and print a summary. "
-        "With --prompts, completions are sampled from model A.",
+        help="share of top-rho positions two models have in common, entropy rank correlation, entropy change",
+        description="Score the same completions with two models; write overlap.json and "
+        "entropy_change_by_bucket.png and print a summary. With --prompts, completions are sampled from model A.",
     )
     overlap_parser.add_argument("--model-a", required=True, help="first model (e.g. the base model)")
     overlap_parser.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
+    overlap_parser.add_argument(
+        "--buckets",
+        type=_positive(int),
+        default=DEFAULT_ENTROPY_BUCKETS,
+        help=f"percentile buckets of model A's entropy for the entropy change (default: {DEFAULT_ENTROPY_BUCKETS})",
+    )
     overlap_parser.set_defaults(run=_overlap)
     return parser
 

@@ -3,6 +3,7 @@ the parser shows them in ``--help`` without loading torch, transformers or matpl
 
 __all__ = [
     "DEFAULT_ENTROPY_BATCH_SIZE",
+    "DEFAULT_ENTROPY_BUCKETS",
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_RHO",
     "DEFAULT_TOP_TOKENS",
@@ -16,3 +17,4 @@ DEFAULT_ENTROPY_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256  # completion length cap when sampling
 DEFAULT_TOP_TOKENS = 20  # rows of analyze's forking-token table
 DEFAULT_WIDTH = 100  # characters per line in render's PNG
+DEFAULT_ENTROPY_BUCKETS = 10  # overlap's entropy-change table: deciles of model A's entropy

@@ -16,6 +16,7 @@ from .sampling import load_model, sample_completions
 from .scoring import ScoredCompletions, score_completions
 from .stats import (
     average_ranks,
+    entropy_change_by_bucket,
     entropy_summary,
     forking_token_table,
     log_histogram,
@@ -31,6 +32,7 @@ __all__ = [
     "analyze",
     "average_ranks",
     "compare_entropies",
+    "entropy_change_by_bucket",
     "entropy_summary",
     "format_overlap",
     "format_summary",
