@@ -15,6 +15,7 @@ from PIL import Image
 from trl_forking.analysis import (
     analyze,
     compare_entropies,
+    entropy_change_by_bucket,
     entropy_summary,
     forking_token_table,
     load_completions,
@@ -30,6 +31,7 @@ from trl_forking.analysis import (
     top_rho_threshold,
 )
 from trl_forking.analysis.inputs import read_inputs
+from trl_forking.selection import forking_mask, num_selected
 
 # Printable text the tiny tokenizer was trained on, so that every token decodes on its own.
 COMPLETIONS = [
@@ -102,7 +104,7 @@ def test_percentiles_share_and_threshold_match_a_sorted_list(shape, ties):
             # nearest rank: the ceil(p/100 * N)-th smallest
             assert summary["percentiles"][f"p{p}"] == pytest.approx(values[max(1, math.ceil(p / 100 * n)) - 1])
         assert summary["share_below"]["0.01"] == pytest.approx(sum(v < 0.01 for v in values) / n)
-        k = math.ceil(round(rho * n, 6))
+        k = num_selected(n, rho)
         assert summary["num_selected"] == k
         # the k-th largest value is the smallest entropy that is still selected
         assert summary["threshold"] == pytest.approx(sorted(values, reverse=True)[k - 1])
@@ -110,9 +112,30 @@ def test_percentiles_share_and_threshold_match_a_sorted_list(shape, ties):
 
 
 def test_threshold_of_ten_tokens_at_rho_point_two_is_the_second_largest():
-    # 0.2 * 10 is 2.0000000000000004 in floating point; ceil must still give k = 2, so the 2nd largest, 8.
+    # k = ceil(0.2 * 10) = 2, so the threshold is the 2nd largest of 0 .. 9: 8.
     entropies = torch.arange(10, dtype=torch.float32).reshape(2, 5)
     assert top_rho_threshold(entropies, torch.ones_like(entropies), 0.2) == 8.0
+
+
+@pytest.mark.parametrize(
+    ("rho", "n", "k"),
+    [
+        (0.2, 10, 2),  # 0.2 * 10 rounds to exactly 2.0 in float64: no error to absorb
+        (0.7, 10, 7),  # likewise 7.0
+        (0.28, 25, 7),  # 0.28 * 25 = 7.000000000000001 in float64: a plain ceil gives 8
+        (0.56, 25, 14),  # 14.000000000000002: a plain ceil gives 15
+        (0.07, 100, 7),  # 7.000000000000001: a plain ceil gives 8
+        (0.20000001, 10, 3),  # 2.0000001 is above 2, so 3 tokens; rounding rho * N to 6 decimals first gave 2
+        (0.1, 3, 1),  # ceil(0.3)
+        (1.0, 7, 7),
+    ],
+)
+def test_summary_counts_the_tokens_forking_mask_selects_whatever_the_float_error_of_rho_times_n(rho, n, k):
+    entropies = torch.arange(n, dtype=torch.float32).reshape(1, n)  # distinct: the top k are n - k .. n - 1
+    mask = torch.ones_like(entropies, dtype=torch.bool)
+    summary = entropy_summary(entropies, mask, rho)
+    assert summary["num_selected"] == k == num_selected(n, rho) == int(forking_mask(entropies, mask, rho).sum())
+    assert summary["threshold"] == n - k
 
 
 def test_summary_of_no_tokens_is_empty_not_an_error():
@@ -209,6 +232,118 @@ def test_compare_entropies_pools_and_splits_per_completion():
     # Per completion: k = 2 of 5, A picks {0, 1} and B picks {0, 2}: half in common; k = 1 of 3: the same token.
     assert [row["overlap"] for row in result["per_completion"]] == [0.5, 1.0]
     assert result["per_completion_mean"]["overlap"] == 0.75
+
+
+def naive_entropy_change(a: list[float], b: list[float], buckets: int) -> list[tuple]:
+    """(count, min A, max A, mean A, mean B, mean B - A, mean |B - A|) per bucket, from plain Python lists.
+
+    The boundaries are the ceil(j * N / buckets)-th smallest of A (integer ceiling, no floats); a token goes to the
+    bucket numbered by how many boundaries lie strictly below its A entropy.
+    """
+    n, ordered = len(a), sorted(a)
+    boundaries = [ordered[-(-j * n // buckets) - 1] for j in range(1, buckets)]
+    members = [[] for _ in range(buckets)]
+    for x, y in zip(a, b, strict=True):
+        members[sum(v < x for v in boundaries)].append((x, y))
+    rows = []
+    for pairs in members:
+        if not pairs:
+            rows.append((0, None, None, None, None, None, None))
+            continue
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+        changes = [y - x for x, y in pairs]
+        rows.append(
+            (
+                len(pairs),
+                min(xs),
+                max(xs),
+                sum(xs) / len(xs),
+                sum(ys) / len(ys),
+                sum(changes) / len(changes),
+                sum(abs(c) for c in changes) / len(changes),
+            )
+        )
+    return rows
+
+
+CHANGE_KEYS = (
+    "num_tokens",
+    "entropy_a_min",
+    "entropy_a_max",
+    "mean_entropy_a",
+    "mean_entropy_b",
+    "mean_change",
+    "mean_abs_change",
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 11, 33, 101, 1000])
+@pytest.mark.parametrize("kind", ["distinct", "zeros", "few_values"])
+@pytest.mark.parametrize("buckets", [10, 3])
+def test_entropy_change_by_bucket_matches_sorted_lists(n, kind, buckets):
+    g = torch.Generator().manual_seed(n + buckets)
+    if kind == "distinct":
+        a = torch.randperm(n, generator=g).float() / 7  # (n,) no ties
+    else:  # exact zeros and 0.005 mixed in, many ties; "few_values": a handful of distinct values
+        a = random_batch((1, n), seed=n + buckets, ties=kind == "few_values")[0][0]
+    b = (a + torch.randn(n, generator=g) * 0.5).clamp(min=0)
+    rows = entropy_change_by_bucket(a, b, buckets)
+    expected = naive_entropy_change(a.tolist(), b.tolist(), buckets)
+    assert [row["bucket"] for row in rows][:: buckets - 1] == (
+        ["0-10%", "90-100%"] if buckets == 10 else ["0-33.3333%", "66.6667-100%"]
+    )
+    for row, naive in zip(rows, expected, strict=True):
+        assert row["num_tokens"] == naive[0]
+        assert (row["entropy_a_min"], row["entropy_a_max"]) == (naive[1], naive[2])  # exact: values of A
+        for key, value in zip(CHANGE_KEYS[3:], naive[3:], strict=True):
+            assert row[key] == (None if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+    if kind == "distinct":
+        # Without ties bucket j holds exactly the ranks ceil(j N / buckets) + 1 .. ceil((j + 1) N / buckets).
+        edges = [-(-j * n // buckets) for j in range(buckets + 1)]
+        assert [row["num_tokens"] for row in rows] == [hi - lo for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+def test_entropy_change_by_bucket_keeps_ties_together_in_the_lowest_bucket_they_reach():
+    # Ten tokens, six at H = 0 under A. The decile boundaries are the 1st, 2nd, ..., 9th smallest: 0, 0, 0, 0, 0, 0,
+    # 1, 2, 3. No boundary lies below 0, so all six zeros are in "0-10%" and "10-20%" to "50-60%" are empty; 1 lies
+    # above six boundaries ("60-70%"), 2, 3 and 4 above seven, eight and nine.
+    a = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0, 1.0, 5.0, 4.0])
+    rows = entropy_change_by_bucket(a, b)
+    assert [row["num_tokens"] for row in rows] == [6, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert rows[0]["mean_change"] == pytest.approx(0.1) and rows[0]["mean_entropy_b"] == pytest.approx(0.1)  # 0.6 / 6
+    assert rows[1]["mean_change"] is None and rows[1]["entropy_a_min"] is None
+    assert [rows[j]["mean_change"] for j in (6, 7, 8, 9)] == [0.0, -1.0, 2.0, 0.0]
+    # Two buckets of [1, 2, 3, 4]: the boundary is the 2nd smallest, 2. Changes +1 and -1 below it average to 0 while
+    # their absolute values average to 1; above it, 0 and +1.
+    rows = entropy_change_by_bucket(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.0, 5.0]), buckets=2)
+    assert [(r["bucket"], r["mean_change"], r["mean_abs_change"]) for r in rows] == [
+        ("0-50%", 0.0, 1.0),
+        ("50-100%", 0.5, 0.5),
+    ]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_decile_boundaries_are_the_percentiles_analyze_reports(ties):
+    entropies, mask = random_batch((9, 50), seed=11, ties=ties)
+    a = entropies[mask]
+    rows = entropy_change_by_bucket(a, a)
+    p = entropy_summary(entropies, mask, 0.2, percentiles=range(10, 100, 10))["percentiles"]
+    for j, row in enumerate(rows):
+        if row["num_tokens"]:
+            assert j == 0 or row["entropy_a_min"] > p[f"p{10 * j}"]
+            assert j == 9 or row["entropy_a_max"] <= p[f"p{10 * (j + 1)}"]
+            assert row["mean_change"] == 0.0 and row["mean_abs_change"] == 0.0
+    assert sum(row["num_tokens"] for row in rows) == a.numel()
+
+
+def test_entropy_change_by_bucket_of_no_tokens_has_empty_buckets_and_rejects_bad_input():
+    rows = entropy_change_by_bucket(torch.zeros(0), torch.zeros(0), buckets=4)
+    assert [row["num_tokens"] for row in rows] == [0] * 4 and rows[0]["mean_change"] is None
+    with pytest.raises(ValueError, match=r"buckets must be an integer >= 1, got 0"):
+        entropy_change_by_bucket(torch.ones(3), torch.ones(3), buckets=0)
+    with pytest.raises(ValueError, match="same shape"):
+        entropy_change_by_bucket(torch.ones(3), torch.ones(4))
 
 
 @pytest.mark.parametrize("n", [1, 17, 500])
@@ -377,7 +512,7 @@ def test_render_html_holds_every_token_in_order_and_marks_the_top_rho(tiny, comp
         assert "".join(html.unescape(text) for _, text in spans) == completion
         n_total += len(spans)
         n_marked += sum(bool(fork) for fork, _ in spans)
-    assert n_marked == math.ceil(round(0.2 * n_total, 6))
+    assert n_marked == num_selected(n_total, 0.2)
     assert_valid_png(files["png"])
 
 
@@ -400,16 +535,62 @@ def test_overlap_of_a_model_with_itself_is_one(tiny_model_dir, completions_file,
     assert result["overlap"] == 1.0 and result["spearman"] == pytest.approx(1.0)
     assert all(row["overlap"] == 1.0 for row in result["per_completion"])
     assert json.load(open(tmp_path / "overlap.json"))["overlap"] == 1.0
+    # The same model scores the same tokens: no bucket changes.
+    buckets = result["entropy_change_by_bucket"]
+    assert sum(row["num_tokens"] for row in buckets) == result["num_tokens"]
+    assert all(row["mean_abs_change"] == 0.0 for row in buckets if row["num_tokens"])
 
 
 def test_overlap_with_a_model_of_another_seed_is_below_one(
     tiny_model_dir, other_model_dir, completions_file, tmp_path, capsys
 ):
     result = overlap(tiny_model_dir, other_model_dir, str(tmp_path), completions=completions_file, progress=False)
-    assert result["num_selected"] == math.ceil(round(0.2 * result["num_tokens"], 6))
+    assert result["num_selected"] == num_selected(result["num_tokens"], 0.2)
     assert result["overlap"] < 1.0 and result["spearman"] < 1.0
     assert len(result["per_completion"]) == len(COMPLETIONS)
-    assert "top-0.2 overlap" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top-0.2 overlap" in out and "mean |B-A|" in out and "90-100%" in out
+    buckets = json.load(open(tmp_path / "overlap.json"))["entropy_change_by_bucket"]
+    assert buckets == result["entropy_change_by_bucket"] and len(buckets) == 10
+    # The bucket means, weighted by their counts, give back each model's mean entropy over all tokens.
+    model_a, tokenizer = load_model(tiny_model_dir, device="cpu")
+    model_b, _ = load_model(other_model_dir, device="cpu")
+    records = load_completions(completions_file)
+    h_a = torch.cat(score_completions(model_a, tokenizer, records, progress=False).entropies).double()
+    h_b = torch.cat(score_completions(model_b, tokenizer, records, progress=False).entropies).double()
+    filled = [row for row in buckets if row["num_tokens"]]
+    assert sum(r["num_tokens"] * r["mean_entropy_a"] for r in filled) / h_a.numel() == pytest.approx(float(h_a.mean()))
+    assert sum(r["num_tokens"] * r["mean_change"] for r in filled) / h_a.numel() == pytest.approx(
+        float((h_b - h_a).mean()), abs=1e-6
+    )
+    assert_valid_png(result["files"]["entropy_change"])
+
+
+def test_overlap_with_prompts_scores_under_model_b_exactly_what_model_a_sampled(
+    tiny_model_dir, other_model_dir, tmp_path
+):
+    sampled = overlap(
+        tiny_model_dir,
+        other_model_dir,
+        str(tmp_path / "sampled"),
+        prompts=["What is 1 + 2?", "Simplify 4 / 2."],
+        num_generations=2,
+        max_new_tokens=10,
+        progress=False,
+        verbose=False,
+    )
+    records = load_completions(sampled["files"]["completions"])
+    assert len(records) == 4 and sampled["num_tokens"] == sum(len(r["completion_ids"]) for r in records)
+    rescored = overlap(
+        tiny_model_dir,
+        other_model_dir,
+        str(tmp_path / "rescored"),
+        completions=sampled["files"]["completions"],
+        progress=False,
+        verbose=False,
+    )
+    sampled.pop("files"), rescored.pop("files")
+    assert sampled == rescored  # every statistic, per completion and per bucket
 
 
 def test_overlap_rejects_models_with_different_vocabularies(tiny_model_dir, completions_file, tmp_path):
@@ -451,5 +632,5 @@ def test_render_per_sequence_marks_the_top_rho_of_each_completion(tiny, completi
     sections = open(files["html"], encoding="utf-8").read().split('<section class="completion">')[1:]
     for section in sections:
         spans = re.findall(r'<span class="tok( fork)?"', section)
-        # k = ceil(rho * n_i) per completion, with the float error of rho * n_i rounded off as num_selected does
-        assert sum(bool(s) for s in spans) == math.ceil(round(0.3 * len(spans), 6))
+        # k = ceil(rho * n_i) per completion, rounded as the library's num_selected rounds it
+        assert sum(bool(s) for s in spans) == num_selected(len(spans), 0.3)

@@ -1,14 +1,16 @@
 """The trl-forking command line: each subcommand end to end on the tiny model, and one-line errors on bad input."""
 
+import inspect
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
-from trl_forking.cli import main
+from trl_forking.cli import _shared, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,8 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
                 completions,
                 "-o",
                 str(tmp_path / "o"),
+                "--buckets",
+                "4",
                 "--no-progress",
             ]
         )
@@ -108,7 +112,129 @@ def test_render_and_overlap_run_on_the_completions_analyze_wrote(
     )
     result = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert result["num_completions"] == 6 and 0.0 <= result["overlap"] < 1.0
-    assert "Spearman" in capsys.readouterr().out
+    buckets = result["entropy_change_by_bucket"]
+    assert [row["bucket"] for row in buckets] == ["0-25%", "25-50%", "50-75%", "75-100%"]
+    assert sum(row["num_tokens"] for row in buckets) == result["num_tokens"]
+    assert (tmp_path / "o" / "entropy_change_by_bucket.png").stat().st_size > 5_000
+    out = capsys.readouterr().out
+    assert "Spearman" in out and "75-100%" in out
+
+
+# --- every input option reaches every subcommand --------------------------------------------------------------------
+
+
+def model_args(command, tiny_model_dir, other_model_dir):
+    """The model options of ``command``: one model for analyze and render, two for overlap."""
+    if command == "overlap":
+        return ["--model-a", tiny_model_dir, "--model-b", other_model_dir]
+    return ["--model", tiny_model_dir]
+
+
+@pytest.fixture(scope="module")
+def dataset_dict_dir(tmp_path_factory):
+    """A saved DatasetDict whose train split and default column hold other prompts than validation's "question"."""
+    from datasets import Dataset, DatasetDict
+
+    path = str(tmp_path_factory.mktemp("cli-datasetdict") / "ds")
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"prompt": ["train 0", "train 1", "train 2"], "question": ["q0", "q1", "q2"]}),
+            "validation": Dataset.from_dict(
+                {"prompt": ["not this column", "nor this"], "question": ["What is 2 + 2?", "What is 3 + 5?"]}
+            ),
+        }
+    ).save_to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["analyze", "render", "overlap"])
+def test_split_and_prompt_column_choose_the_prompts_of_every_subcommand(
+    command, tiny_model_dir, other_model_dir, dataset_dict_dir, tmp_path
+):
+    argv = [command, *model_args(command, tiny_model_dir, other_model_dir), "--prompts", dataset_dict_dir]
+    argv += ["--split", "validation", "--prompt-column", "question", "--max-new-tokens", "4"]
+    assert main([*argv, "-o", str(tmp_path), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["What is 2 + 2?", "What is 3 + 5?"]
+
+
+@pytest.mark.parametrize("command", ["analyze", "render", "overlap"])
+def test_dataset_config_and_split_reach_the_hub_loader_in_every_subcommand(
+    command, tiny_model_dir, other_model_dir, tmp_path, monkeypatch
+):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None):  # stands in for the Hub
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"problem": ["What is 1 + 1?"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    argv = [command, *model_args(command, tiny_model_dir, other_model_dir), "--prompts", "some-org/some-set"]
+    argv += ["--dataset-config", "en", "--split", "test", "--max-new-tokens", "4", "-o", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    assert calls == [("some-org/some-set", "en", "test")]
+
+
+def test_every_subcommand_passes_every_option_of_the_input_pipeline():
+    from trl_forking.analysis.pipeline import score_inputs
+
+    options = {name for name, p in inspect.signature(score_inputs).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    for command, models in (
+        ("analyze", ["--model", "m"]),
+        ("render", ["--model", "m"]),
+        ("overlap", ["--model-a", "a", "--model-b", "b"]),
+    ):
+        args = build_parser().parse_args([command, *models, "--completions", "c.jsonl", "-o", "out"])
+        assert set(_shared(args)) == options | {"rho"}, command
+
+
+# --- a light parser -------------------------------------------------------------------------------------------------
+
+
+def test_building_the_parser_imports_no_torch_transformers_matplotlib_or_analysis():
+    # The package root imports the trainer (torch) whatever the command line does, so the root's __init__ is skipped:
+    # what is measured is what trl_forking.cli itself imports to build the parser and print --help.
+    code = textwrap.dedent(
+        """
+        import contextlib, importlib.util, io, json, sys, types
+
+        root = types.ModuleType("trl_forking")
+        root.__path__ = list(importlib.util.find_spec("trl_forking").submodule_search_locations)
+        sys.modules["trl_forking"] = root
+        from trl_forking.cli import build_parser
+
+        for argv in (["--help"], ["overlap", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                build_parser().parse_args(argv)
+            assert "usage: trl-forking" in out.getvalue()
+        print(json.dumps(sorted(sys.modules)))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout))
+    heavy = {"torch", "transformers", "trl", "matplotlib", "datasets", "numpy", "tqdm"}
+    assert not {name.split(".")[0] for name in loaded} & heavy
+    assert {name for name in loaded if name.startswith("trl_forking")} == {
+        "trl_forking",
+        "trl_forking.cli",
+        "trl_forking.defaults",
+    }
+
+
+def test_defaults_without_torch_equal_the_library_defaults():
+    from trl_forking import defaults, entropy
+    from trl_forking.analysis.pipeline import score_inputs
+    from trl_forking.analysis.sampling import sample_completions
+
+    assert defaults.DEFAULT_ENTROPY_BATCH_SIZE == entropy.DEFAULT_ENTROPY_BATCH_SIZE
+    assert inspect.signature(score_inputs).parameters["batch_size"].default == entropy.DEFAULT_ENTROPY_BATCH_SIZE
+    assert inspect.signature(sample_completions).parameters["max_new_tokens"].default == defaults.DEFAULT_MAX_NEW_TOKENS
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
 
 
 def bad_inputs(tmp_path, tiny_model_dir):

@@ -1,6 +1,9 @@
 """The ``trl-forking`` command line: ``analyze``, ``render`` and ``overlap``, each a thin parser over
 ``trl_forking.analysis``.
 
+The analysis package (torch, transformers, matplotlib) is imported only when a subcommand runs: building the parser,
+and so ``--help`` or a usage error, needs only ``trl_forking.defaults``, which imports nothing.
+
 Bad input (a missing model or file, an empty dataset, a malformed JSONL line, rho out of range, an unwritable output
 directory) ends with one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -10,10 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .analysis import DEFAULT_RHO, analyze, overlap, render
-from .analysis.render import DEFAULT_WIDTH
-from .analysis.sampling import DEFAULT_MAX_NEW_TOKENS
-from .entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from .defaults import (
+    DEFAULT_ENTROPY_BATCH_SIZE,
+    DEFAULT_ENTROPY_BUCKETS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_RHO,
+    DEFAULT_TOP_TOKENS,
+    DEFAULT_WIDTH,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -68,6 +75,9 @@ def _common() -> argparse.ArgumentParser:
     inputs.add_argument("--dataset-config", help="dataset configuration of --prompts")
     inputs.add_argument("--prompt-column", help="column of --prompts holding the prompt (default: prompt/problem/...)")
     inputs.add_argument("--num-samples", type=_positive(int), help="use the first N prompts or completions")
+    inputs.add_argument(
+        "--index", type=int, nargs="+", help="0-based completions to use, after --num-samples and sampling"
+    )
     compute = parent.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -100,12 +110,17 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _shared(args) -> dict:
-    """Returns the keyword arguments every subcommand passes on: inputs, compute and sampling options."""
+    """Returns the keyword arguments every subcommand passes on: rho, and the input, sampling and compute options of
+    ``trl_forking.analysis.score_inputs``."""
     return {
         "completions": args.completions,
         "prompts": args.prompts,
         "rho": args.rho,
         "num_samples": args.num_samples,
+        "split": args.split,
+        "dataset_config": args.dataset_config,
+        "prompt_column": args.prompt_column,
+        "indices": args.index,
         "num_generations": args.num_generations,
         "temperature": args.temperature,
         "batch_size": args.batch_size,
@@ -120,31 +135,22 @@ def _shared(args) -> dict:
 
 
 def _analyze(args) -> None:
-    analyze(
-        args.model,
-        args.output_dir,
-        split=args.split,
-        dataset_config=args.dataset_config,
-        prompt_column=args.prompt_column,
-        top_tokens=args.top_tokens,
-        **_shared(args),
-    )
+    from .analysis import analyze
+
+    analyze(args.model, args.output_dir, top_tokens=args.top_tokens, **_shared(args))
 
 
 def _render(args) -> None:
-    files = render(
-        args.model,
-        args.output_dir,
-        indices=args.index,
-        per_sequence=args.per_sequence,
-        width=args.width,
-        **_shared(args),
-    )
+    from .analysis import render
+
+    files = render(args.model, args.output_dir, per_sequence=args.per_sequence, width=args.width, **_shared(args))
     print("wrote: " + ", ".join(files.values()))
 
 
 def _overlap(args) -> None:
-    overlap(args.model_a, args.model_b, args.output_dir, **_shared(args))
+    from .analysis import overlap
+
+    overlap(args.model_a, args.model_b, args.output_dir, buckets=args.buckets, **_shared(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write report.json, entropy_histogram.png and forking_tokens.png and print a summary.",
     )
     analyze_parser.add_argument("--model", required=True, help="model directory or Hub name")
-    analyze_parser.add_argument("--top-tokens", type=_positive(int), default=20, help="rows of the forking-token table")
+    analyze_parser.add_argument(
+        "--top-tokens", type=_positive(int), default=DEFAULT_TOP_TOKENS, help="rows of the forking-token table"
+    )
     analyze_parser.set_defaults(run=_analyze)
 
     render_parser = commands.add_parser(
@@ -169,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write forking_tokens.html (standalone) and forking_tokens_render.png.",
     )
     render_parser.add_argument("--model", required=True, help="model directory or Hub name")
-    render_parser.add_argument("--index", type=int, nargs="+", help="0-based completions to render (default: all)")
     render_parser.add_argument(
         "--per-sequence", action="store_true", help="mark the top-rho of each completion on its own"
     )
@@ -181,12 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     overlap_parser = commands.add_parser(
         "overlap",
         parents=[_common()],
-        help="share of top-rho positions two models have in common, and entropy rank correlation",
-        description="Score the same completions with two models; write overlap.json and print a summary. "
-        "With --prompts, completions are sampled from model A.",
+        help="share of top-rho positions two models have in common, entropy rank correlation, entropy change",
+        description="Score the same completions with two models; write overlap.json and "
+        "entropy_change_by_bucket.png and print a summary. With --prompts, completions are sampled from model A.",
     )
     overlap_parser.add_argument("--model-a", required=True, help="first model (e.g. the base model)")
     overlap_parser.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
+    overlap_parser.add_argument(
+        "--buckets",
+        type=_positive(int),
+        default=DEFAULT_ENTROPY_BUCKETS,
+        help=f"percentile buckets of model A's entropy for the entropy change (default: {DEFAULT_ENTROPY_BUCKETS})",
+    )
     overlap_parser.set_defaults(run=_overlap)
     return parser
 

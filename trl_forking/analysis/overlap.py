@@ -1,28 +1,29 @@
-"""``overlap``: do two models (e.g. a base model and its RL-trained checkpoint) fork at the same positions?
+"""``overlap``: do two models (e.g. a base model and its RL-trained checkpoint) fork at the same positions, and how
+did the entropy of each kind of token change?
 
 Both models score the same completion tokens. Reported, pooled over all completions and per completion: the share
 of top-rho positions they have in common (the paper finds over 86% between Qwen3-14B and its DAPO-trained version)
-and Spearman's rank correlation of their entropies.
+and Spearman's rank correlation of their entropies; and, per percentile bucket of model A's entropy, how much the
+entropy changed from A to B (the paper: RLVR mostly changes the entropy of high-entropy tokens).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 
 import torch
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_ENTROPY_BUCKETS, DEFAULT_RHO
 from ..selection import check_quantile, forking_mask
-from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
-from .sampling import ensure_model, load_tokenizer, obtain_records
-from .scoring import score_completions
-from .stats import spearman, top_rho_overlap
+from .pipeline import score_inputs
+from .plots import plot_entropy_change
+from .stats import check_buckets, entropy_change_by_bucket, spearman, top_rho_overlap
 
-__all__ = ["OVERLAP_FILE", "compare_entropies", "format_overlap", "overlap"]
+__all__ = ["CHANGE_FILE", "OVERLAP_FILE", "compare_entropies", "format_overlap", "overlap"]
 
 OVERLAP_FILE = "overlap.json"
+CHANGE_FILE = "entropy_change_by_bucket.png"
 
 
 def _mean(values) -> float | None:
@@ -30,16 +31,25 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def compare_entropies(entropies_a: list[torch.Tensor], entropies_b: list[torch.Tensor], rho: float) -> dict:
-    """Returns the overlap of the top-rho positions and the Spearman correlation of two models' entropies.
+def compare_entropies(
+    entropies_a: list[torch.Tensor],
+    entropies_b: list[torch.Tensor],
+    rho: float,
+    buckets: int = DEFAULT_ENTROPY_BUCKETS,
+) -> dict:
+    """Returns the overlap of the top-rho positions, the Spearman correlation and the entropy change by bucket of two
+    models' entropies.
 
     Pooled: the top ``ceil(rho * N)`` of all N tokens under each model (``forking_mask``), the share of those
-    positions that both select (``top_rho_overlap``), and Spearman's rho of the N entropy pairs. Per completion i:
-    the same with ``ceil(rho * n_i)`` tokens of that completion. ``per_completion_mean`` averages the defined values.
+    positions that both select (``top_rho_overlap``), Spearman's rho of the N entropy pairs, and
+    ``entropy_change_by_bucket`` (B - A per percentile bucket of A's entropy). Per completion i: the overlap and
+    Spearman's rho with ``ceil(rho * n_i)`` tokens of that completion. ``per_completion_mean`` averages the defined
+    values.
 
     Args:
         entropies_a, entropies_b: one (T_i,) tensor per completion for each model, same lengths pairwise.
         rho: share of tokens selected, in (0, 1].
+        buckets: percentile buckets of A's entropy (10: deciles).
     """
     rho = check_quantile(rho, "rho")
     for i, (a, b) in enumerate(zip(entropies_a, entropies_b, strict=True)):
@@ -72,14 +82,33 @@ def compare_entropies(entropies_a: list[torch.Tensor], entropies_b: list[torch.T
             "overlap": _mean(r["overlap"] for r in rows),
             "spearman": _mean(r["spearman"] for r in rows),
         },
+        "entropy_change_by_bucket": entropy_change_by_bucket(flat_a, flat_b, buckets),
         "per_completion": rows,
     }
 
 
-def _fmt(value: float | None, percent: bool = False) -> str:
+def _fmt(value: float | None, percent: bool = False, sign: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.1f}%" if percent else f"{value:.4f}"
+    if percent:
+        return f"{100 * value:.1f}%"
+    return f"{value:+.4f}" if sign else f"{value:.4f}"
+
+
+def _bucket_lines(rows: list[dict]) -> list[str]:
+    """Returns the lines of the entropy-change table of ``entropy_change_by_bucket`` rows."""
+    lines = [
+        "entropy change by bucket of model A's entropy (nats):",
+        f"{'bucket':>10} {'tokens':>7} {'A min':>8} {'A max':>8} {'mean A':>8} {'mean B':>8} {'mean B-A':>9} "
+        f"{'mean |B-A|':>10}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['bucket']:>10} {row['num_tokens']:>7} {_fmt(row['entropy_a_min']):>8} "
+            f"{_fmt(row['entropy_a_max']):>8} {_fmt(row['mean_entropy_a']):>8} {_fmt(row['mean_entropy_b']):>8} "
+            f"{_fmt(row['mean_change'], sign=True):>9} {_fmt(row['mean_abs_change']):>10}"
+        )
+    return lines
 
 
 def format_overlap(result: dict, max_rows: int = 10) -> str:
@@ -94,6 +123,7 @@ def format_overlap(result: dict, max_rows: int = 10) -> str:
         f"{_fmt(mean['overlap'], True)} mean per completion",
         f"Spearman rank correlation of entropies: {_fmt(result['spearman'])} pooled, "
         f"{_fmt(mean['spearman'])} mean per completion",
+        *_bucket_lines(result["entropy_change_by_bucket"]),
         f"{'completion':>10} {'tokens':>7} {'overlap':>8} {'spearman':>9}",
     ]
     for row in result["per_completion"][:max_rows]:
@@ -102,83 +132,51 @@ def format_overlap(result: dict, max_rows: int = 10) -> str:
         )
     if result["num_completions"] > max_rows:
         lines.append(f"... {result['num_completions'] - max_rows} more in {OVERLAP_FILE}")
+    if "files" in result:
+        lines.append("wrote: " + ", ".join(result["files"].values()))
     return "\n".join(lines)
-
-
-def _name(model) -> str:
-    return model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
 
 
 def overlap(
     model_a,
     model_b,
     output_dir: str,
-    completions=None,
-    prompts=None,
+    *,
     tokenizer_a=None,
     tokenizer_b=None,
-    rho: float = 0.2,
-    num_samples: int | None = None,
-    temperature: float = 1.0,
-    batch_size: int = DEFAULT_ENTROPY_BATCH_SIZE,
-    device: str = "auto",
-    dtype: str = "auto",
-    chat_template: bool = False,
-    progress: bool = True,
+    rho: float = DEFAULT_RHO,
+    buckets: int = DEFAULT_ENTROPY_BUCKETS,
     verbose: bool = True,
-    **sampling,
+    **options,
 ) -> dict:
     """Returns the ``compare_entropies`` result of two models on the same completions (plus model names and the
-    output file) after writing it to ``output_dir/overlap.json`` and, with ``verbose``, printing a summary.
+    output files) after writing it to ``output_dir/overlap.json``, drawing the entropy change by bucket to
+    ``output_dir/entropy_change_by_bucket.png`` and, with ``verbose``, printing a summary.
 
     Models given by name are loaded one after the other and released in between, so peak memory is one model. With
-    ``prompts``, completions are sampled from model A (``sampling`` goes to ``sample_completions``) and saved to
-    ``output_dir/completions.jsonl``.
+    ``prompts``, completions are sampled from model A, saved to ``output_dir/completions.jsonl``, and model B scores
+    exactly those tokens.
 
     Args:
         model_a, model_b: names or paths, or loaded causal LMs (then pass their tokenizers). Both must share one
             vocabulary, since the same token ids are scored.
         output_dir: created if needed.
-        completions, prompts, num_samples, temperature, batch_size, device, dtype, chat_template, progress: as in
-            ``analyze``.
+        tokenizer_a, tokenizer_b: the tokenizers of loaded models.
         rho: share of tokens compared, in (0, 1].
+        buckets: percentile buckets of model A's entropy for the entropy-change table (10: deciles).
+        verbose: print the summary.
+        **options: the input, sampling and compute options of ``pipeline.score_inputs``, as in ``analyze``.
     """
     rho = check_quantile(rho, "rho")
-    output_dir = ensure_output_dir(output_dir)
-    inputs = read_inputs(prompts, completions, num_samples)
-    files = {"overlap": os.path.join(output_dir, OVERLAP_FILE)}
-    if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
-    names = _name(model_a), _name(model_b)
-    # Tokenizers first: a missing model or a vocabulary mismatch is reported before any model is scored.
-    tokenizers = [
-        t if t is not None else load_tokenizer(m) for m, t in ((model_a, tokenizer_a), (model_b, tokenizer_b))
-    ]
-    if tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
-        raise ValueError(
-            f"the models have different vocabularies ({names[0]}, {names[1]}); both must score the same token ids"
-        )
-    scores = []
-    for model, tokenizer in zip((model_a, model_b), tokenizers, strict=True):
-        loaded, tokenizer = ensure_model(model, tokenizer, device, dtype)
-        records = obtain_records(
-            loaded,
-            tokenizer,
-            inputs,
-            files.get("completions"),
-            temperature=temperature,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            progress=progress,
-            **sampling,
-        )
-        inputs = read_inputs(completions=records)  # model B scores exactly what model A sampled
-        scores.append(score_completions(loaded, tokenizer, records, temperature, batch_size, chat_template, progress))
-        if isinstance(model, str):
-            del loaded
-            gc.collect()
-    result = {"model_a": names[0], "model_b": names[1], "temperature": temperature}
-    result.update(compare_entropies(scores[0].entropies, scores[1].entropies, rho))
+    buckets = check_buckets(buckets)  # before any model is loaded
+    scored = score_inputs([model_a, model_b], output_dir, [tokenizer_a, tokenizer_b], **options)
+    result = {"model_a": scored.names[0], "model_b": scored.names[1], "temperature": scored.temperature}
+    result.update(compare_entropies(scored.scores[0].entropies, scored.scores[1].entropies, rho, buckets))
+    files = dict(scored.files)
+    files["overlap"] = os.path.join(scored.output_dir, OVERLAP_FILE)
+    files["entropy_change"] = plot_entropy_change(
+        result["entropy_change_by_bucket"], os.path.join(scored.output_dir, CHANGE_FILE)
+    )
     result["files"] = files
     with open(files["overlap"], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -1,4 +1,5 @@
-"""The two charts of ``analyze``: the entropy histogram (log x axis) and the forking-token frequency chart.
+"""The charts of the analysis: ``analyze``'s entropy histogram (log x axis) and forking-token frequency chart, and
+``overlap``'s entropy change by bucket.
 
 Both draw on a bare ``matplotlib.figure.Figure`` with the Agg canvas, so nothing touches pyplot's global state (safe
 in notebooks and without a display).
@@ -13,7 +14,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_entropy_histogram", "plot_forking_tokens", "save_figure"]
+__all__ = ["plot_entropy_change", "plot_entropy_histogram", "plot_forking_tokens", "save_figure"]
 
 DPI = 120
 
@@ -85,4 +86,38 @@ def plot_forking_tokens(table: list[dict], path: str, rho: float | None = None) 
     axes.set_xlim(0, max(counts, default=1) * 1.35)
     scope = f"top-{rho:g} " if rho is not None else ""
     axes.set_title(f"Most frequent {scope}forking tokens")
+    return save_figure(figure, path)
+
+
+def plot_entropy_change(rows: list[dict], path: str) -> str:
+    """Returns ``path`` after drawing ``stats.entropy_change_by_bucket`` rows there as a PNG: for each bucket of model
+    A's entropy, a bar of the mean change B - A and a bar of the mean |B - A| (nats); an empty bucket has no bars and
+    its label says so."""
+    figure = Figure(figsize=(8, 4))
+    axes = figure.add_subplot()
+    present = [i for i, row in enumerate(rows) if row["num_tokens"]]
+    width = 0.4
+    axes.bar(
+        [i - width / 2 for i in present],
+        [rows[i]["mean_change"] for i in present],
+        width,
+        color="#4c72b0",
+        label="mean change (B - A)",
+    )
+    axes.bar(
+        [i + width / 2 for i in present],
+        [rows[i]["mean_abs_change"] for i in present],
+        width,
+        color="#dd8452",
+        label="mean |B - A|",
+    )
+    axes.axhline(0.0, color="gray", linewidth=0.8)
+    counts = [f"n={row['num_tokens']:,}" if row["num_tokens"] else "empty" for row in rows]
+    labels = [f"{row['bucket']}\n{count}" for row, count in zip(rows, counts, strict=True)]
+    axes.set_xticks(range(len(rows)), labels, fontsize=7)
+    axes.set_xlabel("bucket of model A's entropy (percentile range; n = tokens)")
+    axes.set_ylabel("entropy change (nats)")
+    axes.set_title("Entropy change from model A to model B by model A's entropy")
+    if present:
+        axes.legend(loc="best")
     return save_figure(figure, path)

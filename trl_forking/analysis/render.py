@@ -9,12 +9,10 @@ import os
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_RHO, DEFAULT_WIDTH
 from ..selection import check_quantile, forking_mask
-from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
+from .pipeline import score_inputs
 from .plots import save_figure
-from .sampling import ensure_model, obtain_records
-from .scoring import score_completions
 from .tokens import display_token, token_strings
 
 __all__ = ["HTML_FILE", "PNG_FILE", "render", "render_html", "render_png", "shade"]
@@ -22,7 +20,6 @@ __all__ = ["HTML_FILE", "PNG_FILE", "render", "render_html", "render_png", "shad
 HTML_FILE, PNG_FILE = "forking_tokens.html", "forking_tokens_render.png"
 SHADE_RGB = (255, 140, 0)  # orange; alpha carries the entropy
 MARK_RGB = (200, 0, 0)  # the underline of a top-rho token
-DEFAULT_WIDTH = 100  # characters per line in the PNG
 
 
 def shade(entropies: list[float]) -> tuple[list[float], float, float]:
@@ -156,34 +153,15 @@ def render_png(items: list[dict], path: str, rho: float, width: int = DEFAULT_WI
     return save_figure(figure, path, tight=False)
 
 
-def _pick(records: list[dict], indices: list[int] | None) -> list[dict]:
-    """Returns the records at ``indices`` (all when None); raises ValueError naming the indices out of range."""
-    if indices is None:
-        return records
-    bad = [i for i in indices if not 0 <= i < len(records)]
-    if bad:
-        raise ValueError(f"completion indices {bad} out of range: there are {len(records)} completions")
-    return [records[i] for i in indices]
-
-
 def render(
     model,
     output_dir: str,
-    completions=None,
-    prompts=None,
+    *,
     tokenizer=None,
-    indices: list[int] | None = None,
-    rho: float = 0.2,
+    rho: float = DEFAULT_RHO,
     per_sequence: bool = False,
-    num_samples: int | None = None,
-    temperature: float = 1.0,
-    batch_size: int = DEFAULT_ENTROPY_BATCH_SIZE,
-    device: str = "auto",
-    dtype: str = "auto",
-    chat_template: bool = False,
     width: int = DEFAULT_WIDTH,
-    progress: bool = True,
-    **sampling,
+    **options,
 ) -> dict:
     """Returns ``{"html": path, "png": path}`` (and ``"completions"`` when sampled) after rendering completions with
     their token entropies into ``output_dir``.
@@ -194,41 +172,20 @@ def render(
     Args:
         model: a model name or path, or a loaded causal LM (then pass ``tokenizer``).
         output_dir: created if needed.
-        completions: a completions JSONL path or a list of ``{"prompt", "completion"}``.
-        prompts: instead of ``completions``, prompts to sample from (``sampling`` goes to ``sample_completions``).
-        indices: which completions to render (0-based, after ``num_samples``); all when None.
+        tokenizer: the tokenizer of a loaded ``model``.
         rho: share of tokens marked, in (0, 1].
         per_sequence: select the top-rho within each completion.
-        temperature: T of the entropy (and of sampling).
-        batch_size, device, dtype, chat_template, progress: as in ``analyze``.
         width: characters per line in the PNG.
+        **options: the input, sampling and compute options of ``pipeline.score_inputs``, as in ``analyze``;
+            ``indices`` picks the completions to render (0-based, after ``num_samples``).
     """
     rho = check_quantile(rho, "rho")
-    output_dir = ensure_output_dir(output_dir)
-    inputs = read_inputs(prompts, completions, num_samples)
-    if inputs.records is not None:
-        _pick(inputs.records, indices)  # a bad index fails before the model is loaded
-    model, tokenizer = ensure_model(model, tokenizer, device, dtype)
-    files = {}
-    if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
-    records = obtain_records(
-        model,
-        tokenizer,
-        inputs,
-        files.get("completions"),
-        temperature=temperature,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        progress=progress,
-        **sampling,
-    )
-    records = _pick(records, indices)
-    scored = score_completions(model, tokenizer, records, temperature, batch_size, chat_template, progress)
-    _, entropies, mask = scored.padded()  # (B, T)
+    scored = score_inputs([model], output_dir, [tokenizer], **options)
+    (scores,), (tokenizer,) = scored.scores, scored.tokenizers
+    _, entropies, mask = scores.padded()  # (B, T)
     selected = forking_mask(entropies, mask, rho, per_sequence=per_sequence)  # (B, T)
     items = []
-    for row, (record, ids) in enumerate(zip(records, scored.token_ids, strict=True)):
+    for row, (record, ids) in enumerate(zip(scores.records, scores.token_ids, strict=True)):
         n = ids.numel()
         prompt = (
             record["prompt"]
@@ -243,8 +200,9 @@ def render(
                 "selected": selected[row, :n].tolist(),
             }
         )
-    files["html"] = os.path.join(output_dir, HTML_FILE)
+    files = dict(scored.files)
+    files["html"] = os.path.join(scored.output_dir, HTML_FILE)
     with open(files["html"], "w", encoding="utf-8") as f:
         f.write(render_html(items, rho))
-    files["png"] = render_png(items, os.path.join(output_dir, PNG_FILE), rho, width)
+    files["png"] = render_png(items, os.path.join(scored.output_dir, PNG_FILE), rho, width)
     return files

@@ -7,18 +7,15 @@ import os
 
 import torch
 
-from ..entropy import DEFAULT_ENTROPY_BATCH_SIZE
+from ..defaults import DEFAULT_RHO, DEFAULT_TOP_TOKENS
 from ..selection import check_quantile, forking_mask
-from .inputs import COMPLETIONS_FILE, ensure_output_dir, read_inputs
+from .pipeline import score_inputs
 from .plots import plot_entropy_histogram, plot_forking_tokens
-from .sampling import DEFAULT_MAX_NEW_TOKENS, ensure_model, obtain_records
-from .scoring import score_completions
 from .stats import DEFAULT_LOW_ENTROPY, DEFAULT_PERCENTILES, entropy_summary, forking_token_table, log_histogram
 from .tokens import token_strings
 
-__all__ = ["DEFAULT_RHO", "analyze", "format_summary", "position_profile"]
+__all__ = ["analyze", "format_summary", "position_profile"]
 
-DEFAULT_RHO = 0.2  # the paper's best ratio
 REPORT_FILE = "report.json"
 HISTOGRAM_FILE = "entropy_histogram.png"
 TOKENS_FILE = "forking_tokens.png"
@@ -69,27 +66,13 @@ def format_summary(report: dict) -> str:
 def analyze(
     model,
     output_dir: str,
-    prompts=None,
-    completions=None,
+    *,
     tokenizer=None,
     rho: float = DEFAULT_RHO,
-    num_samples: int | None = None,
-    num_generations: int = 1,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = DEFAULT_ENTROPY_BATCH_SIZE,
-    device: str = "auto",
-    dtype: str = "auto",
-    split: str = "train",
-    dataset_config: str | None = None,
-    prompt_column: str | None = None,
-    chat_template: bool = False,
-    top_tokens: int = 20,
+    top_tokens: int = DEFAULT_TOP_TOKENS,
     bins: int = 50,
-    seed: int | None = 0,
-    progress: bool = True,
     verbose: bool = True,
+    **options,
 ) -> dict:
     """Returns the report dict after writing report.json, the two charts (and the sampled completions) to
     ``output_dir``.
@@ -103,61 +86,36 @@ def analyze(
     Args:
         model: a model name or path (loaded with ``load_model``), or a loaded causal LM (then pass ``tokenizer``).
         output_dir: created if needed; checked to be writable before any work.
-        prompts: a dataset (JSONL file, saved dataset directory or Hub name) or a list of prompts to sample from.
-        completions: a completions JSONL path, or a list of ``{"prompt", "completion"}``; exclusive with prompts.
+        tokenizer: the tokenizer of a loaded ``model``.
         rho: share of tokens that are forking tokens, in (0, 1].
-        num_samples: use the first ``num_samples`` prompts or completions (all when None).
-        num_generations: completions sampled per prompt.
-        max_new_tokens, top_p, seed: sampling parameters.
-        temperature: sampling temperature, also T in the entropy ``softmax(z / T)``.
-        batch_size: rows per forward, for sampling and for entropies (the memory bound).
-        device, dtype: where and in what precision to load ``model`` when it is a name.
-        split, dataset_config, prompt_column: which split, config and column of the prompt dataset.
-        chat_template: wrap string prompts in a user turn of the tokenizer's chat template.
         top_tokens: rows in the forking-token table.
         bins: histogram bins.
-        progress: show progress bars.
         verbose: print the summary.
+        **options: the input, sampling and compute options of ``pipeline.score_inputs``, the same for ``render`` and
+            ``overlap``: ``prompts`` or ``completions``, ``num_samples``, ``split``, ``dataset_config``,
+            ``prompt_column``, ``indices``; ``num_generations``, ``max_new_tokens``, ``temperature`` (also T of the
+            entropy), ``top_p``, ``seed``, ``chat_template``; ``batch_size``, ``device``, ``dtype``, ``progress``.
     """
     rho = check_quantile(rho, "rho")
-    output_dir = ensure_output_dir(output_dir)
-    inputs = read_inputs(prompts, completions, num_samples, split, dataset_config, prompt_column)
-    model_name = model if isinstance(model, str) else getattr(model, "name_or_path", type(model).__name__)
-    model, tokenizer = ensure_model(model, tokenizer, device, dtype)
-    files = {}
-    if inputs.records is None:
-        files["completions"] = os.path.join(output_dir, COMPLETIONS_FILE)
-    records = obtain_records(
-        model,
-        tokenizer,
-        inputs,
-        files.get("completions"),
-        num_generations=num_generations,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        seed=seed,
-        progress=progress,
-    )
-    scored = score_completions(model, tokenizer, records, temperature, batch_size, chat_template, progress)
-    token_ids, entropies, mask = scored.padded()  # (B, T) each
+    scored = score_inputs([model], output_dir, [tokenizer], **options)
+    (scores,), (tokenizer,) = scored.scores, scored.tokenizers
+    token_ids, entropies, mask = scores.padded()  # (B, T) each
     selected = forking_mask(entropies, mask, rho)  # (B, T)
     summary = entropy_summary(entropies, mask, rho, DEFAULT_PERCENTILES, DEFAULT_LOW_ENTROPY)
     table = forking_token_table(
         token_ids, entropies, selected, mask, top_tokens, decode=lambda i: token_strings(tokenizer, [i])[0]
     )
     histogram = log_histogram(entropies[mask], bins)
-    files["report"] = os.path.join(output_dir, REPORT_FILE)
+    files = dict(scored.files)
+    files["report"] = os.path.join(scored.output_dir, REPORT_FILE)
     files["histogram"] = plot_entropy_histogram(
-        histogram, os.path.join(output_dir, HISTOGRAM_FILE), summary["threshold"], rho, DEFAULT_LOW_ENTROPY
+        histogram, os.path.join(scored.output_dir, HISTOGRAM_FILE), summary["threshold"], rho, DEFAULT_LOW_ENTROPY
     )
-    files["forking_tokens"] = plot_forking_tokens(table, os.path.join(output_dir, TOKENS_FILE), rho)
+    files["forking_tokens"] = plot_forking_tokens(table, os.path.join(scored.output_dir, TOKENS_FILE), rho)
     report = {
-        "model": model_name,
-        "temperature": temperature,
-        "num_completions": len(records),
+        "model": scored.names[0],
+        "temperature": scored.temperature,
+        "num_completions": len(scored.records),
         "summary": summary,
         "forking_tokens": table,
         "position_profile": position_profile(selected, mask),

@@ -7,7 +7,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import looks_like_path, write_jsonl
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
+from .inputs import looks_like_path
 
 __all__ = [
     "DTYPES",
@@ -16,13 +17,11 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "max_positions",
-    "obtain_records",
     "resolve_device",
     "sample_completions",
 ]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_SAMPLING_BATCH_SIZE = 8
 
 
@@ -200,14 +199,3 @@ def ensure_model(model, tokenizer=None, device: str = "auto", dtype: str = "auto
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a loaded model; pass tokenizer=...")
     return model, tokenizer
-
-
-def obtain_records(model, tokenizer, inputs, save_to: str | None = None, **sampling) -> list[dict]:
-    """Returns ``inputs.records``, or completions sampled from ``inputs.prompts`` with ``sample_completions(model,
-    tokenizer, prompts, **sampling)`` (then also written to the JSONL file ``save_to`` when given)."""
-    if inputs.records is not None:
-        return inputs.records
-    records = sample_completions(model, tokenizer, inputs.prompts, **sampling)
-    if save_to is not None:
-        write_jsonl(save_to, records)
-    return records

@@ -12,13 +12,17 @@ import math
 import numpy as np
 import torch
 
-from ..selection import check_quantile, entropy_quantiles, forking_mask
+from ..defaults import DEFAULT_ENTROPY_BUCKETS
+from ..selection import check_quantile, entropy_quantiles, forking_mask, num_selected
 
 __all__ = [
     "DEFAULT_HISTOGRAM_FLOOR",
     "DEFAULT_LOW_ENTROPY",
     "DEFAULT_PERCENTILES",
     "average_ranks",
+    "bucket_labels",
+    "check_buckets",
+    "entropy_change_by_bucket",
     "entropy_summary",
     "forking_token_table",
     "log_histogram",
@@ -67,9 +71,10 @@ def entropy_summary(
 ) -> dict:
     """Returns a JSON-ready dict of the entropy distribution of the valid tokens.
 
-    Keys: ``num_tokens`` N; ``num_selected`` k = ceil(rho * N); ``rho``; ``mean``; ``percentiles`` {"p10": ..., ...},
-    the nearest-rank p-th percentile being the ceil(p/100 * N)-th smallest; ``share_below`` {"0.01": share of tokens
-    with H < low}; ``threshold`` (``top_rho_threshold``). With N == 0 every value is None.
+    Keys: ``num_tokens`` N; ``num_selected`` k = ceil(rho * N) as ``selection.num_selected`` rounds it (the number
+    of tokens ``forking_mask`` selects); ``rho``; ``mean``; ``percentiles`` {"p10": ..., ...}, the nearest-rank p-th
+    percentile being the ceil(p/100 * N)-th smallest; ``share_below`` {"0.01": share of tokens with H < low};
+    ``threshold`` (``top_rho_threshold``). With N == 0 every value is None.
 
     Args:
         entropies: (B, T) entropies.
@@ -84,7 +89,7 @@ def entropy_summary(
     quantiles = entropy_quantiles(entropies, mask, [p / 100 for p in percentiles])
     return {
         "num_tokens": n,
-        "num_selected": math.ceil(round(n * rho, 6)),
+        "num_selected": num_selected(n, rho),
         "rho": rho,
         "mean": float(values.mean()) if n else None,
         "percentiles": {
@@ -93,6 +98,87 @@ def entropy_summary(
         "share_below": {f"{low:g}": float((values < low).float().mean()) if n else None},
         "threshold": top_rho_threshold(entropies, mask, rho),
     }
+
+
+def check_buckets(buckets: int) -> int:
+    """Returns ``buckets`` after checking that it is an integer >= 1."""
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}.")
+    return buckets
+
+
+def bucket_labels(buckets: int) -> list[str]:
+    """Returns the percentile range of each of ``buckets`` equal buckets: "0-10%", ..., "90-100%" for 10."""
+    return [f"{100 * j / buckets:g}-{100 * (j + 1) / buckets:g}%" for j in range(buckets)]
+
+
+def entropy_change_by_bucket(
+    entropies_a: torch.Tensor, entropies_b: torch.Tensor, buckets: int = DEFAULT_ENTROPY_BUCKETS
+) -> list[dict]:
+    """Returns one dict per percentile bucket of model A's entropy: how model B's entropy differs from A's on the
+    tokens of that bucket (the paper: RLVR mostly changes the entropy of high-entropy tokens, low ones barely move).
+
+    With N tokens, the boundaries are the exact nearest-rank percentiles of A pooled over all tokens,
+    ``v_j = the ceil(j * N / buckets)-th smallest`` for j = 1 .. buckets - 1 (``selection.entropy_quantiles``, so
+    for deciles they are ``entropy_summary``'s p10 ... p90). A token whose A entropy is h falls in bucket
+    ``#{j : v_j < h}``: bucket 0 is ``h <= v_1``, bucket j is ``v_j < h <= v_{j+1}``, the last is ``h > v_{buckets-1}``.
+
+    Ties: the bucket depends on the value only, so equal entropies always share one: the bucket of the lowest rank
+    the value occupies. Without ties bucket j holds exactly the tokens of ranks ``ceil(j * N / buckets) + 1`` to
+    ``ceil((j + 1) * N / buckets)``; with ties a bucket can hold more, and the buckets a run of equal values spans
+    beyond its first are empty (when 60% of the tokens have H = 0, "0-10%" holds all of them and "10-20%" to
+    "50-60%" none).
+
+    Keys of each dict: ``bucket`` (``bucket_labels``), ``num_tokens``; then, None for an empty bucket,
+    ``entropy_a_min`` and ``entropy_a_max`` (the range of A's entropy in the bucket), ``mean_entropy_a``,
+    ``mean_entropy_b``, ``mean_change`` (mean of B - A) and ``mean_abs_change`` (mean of |B - A|), in float64.
+
+    Args:
+        entropies_a: (N,) entropies of the tokens under model A (any shape; flattened).
+        entropies_b: entropies of the same tokens under model B, same shape.
+        buckets: number of buckets (10: deciles).
+    """
+    if entropies_a.shape != entropies_b.shape:
+        raise ValueError(
+            f"entropies_a and entropies_b must have the same shape, got {tuple(entropies_a.shape)} and "
+            f"{tuple(entropies_b.shape)}."
+        )
+    buckets = check_buckets(buckets)
+    a = entropies_a.detach().float().reshape(-1).cpu()  # (N,) float32, as the selection compares
+    b = entropies_b.detach().float().reshape(-1).cpu()  # (N,)
+    index = torch.zeros(a.numel(), dtype=torch.long)  # (N,) bucket of each token; all in bucket 0 when buckets == 1
+    if a.numel() and buckets > 1:
+        everything = torch.ones_like(a, dtype=torch.bool)
+        boundaries = entropy_quantiles(a, everything, [j / buckets for j in range(1, buckets)])  # (buckets - 1,)
+        # searchsorted's left insertion point is the number of boundaries strictly below each value.
+        index = torch.searchsorted(boundaries.cpu(), a, right=False)
+    a64, change = a.double(), b.double() - a.double()  # (N,)
+
+    def per_bucket(values: torch.Tensor, reduce: str) -> list[float]:
+        initial = {"sum": 0.0, "amin": math.inf, "amax": -math.inf}[reduce]
+        out = torch.full((buckets,), initial, dtype=torch.float64)
+        return out.scatter_reduce_(0, index, values, reduce).tolist()
+
+    counts = torch.bincount(index, minlength=buckets).tolist()
+    sum_a, sum_b = per_bucket(a64, "sum"), per_bucket(b.double(), "sum")
+    sum_change, sum_abs = per_bucket(change, "sum"), per_bucket(change.abs(), "sum")
+    low, high = per_bucket(a64, "amin"), per_bucket(a64, "amax")
+    rows = []
+    for j, label in enumerate(bucket_labels(buckets)):
+        n = counts[j]
+        rows.append(
+            {
+                "bucket": label,
+                "num_tokens": n,
+                "entropy_a_min": low[j] if n else None,
+                "entropy_a_max": high[j] if n else None,
+                "mean_entropy_a": sum_a[j] / n if n else None,
+                "mean_entropy_b": sum_b[j] / n if n else None,
+                "mean_change": sum_change[j] / n if n else None,
+                "mean_abs_change": sum_abs[j] / n if n else None,
+            }
+        )
+    return rows
 
 
 def forking_token_table(
