@@ -11,8 +11,7 @@ __all__ = [
 ]
 
 DEFAULT_RHO = 0.2  # the paper's best ratio
-# Rows per forward when scoring, and prompts per generate call. The value of trl_forking.entropy's
-# DEFAULT_ENTROPY_BATCH_SIZE, which cannot be imported from there without torch; tests/test_cli.py checks they agree.
+# Rows per forward when scoring entropies (trl_forking.entropy), and prompts per generate call when sampling.
 DEFAULT_ENTROPY_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256  # completion length cap when sampling
 DEFAULT_TOP_TOKENS = 20  # rows of analyze's forking-token table

@@ -14,9 +14,9 @@ import copy
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-__all__ = ["DEFAULT_ENTROPY_BATCH_SIZE", "token_entropies"]
+from .defaults import DEFAULT_ENTROPY_BATCH_SIZE
 
-DEFAULT_ENTROPY_BATCH_SIZE = 8
+__all__ = ["DEFAULT_ENTROPY_BATCH_SIZE", "token_entropies"]
 
 
 def _fused_view(model, temperature: float):

@@ -72,8 +72,9 @@ def num_selected(num_valid: int | torch.Tensor, quantile: float, selection: str 
     ``N - k`` for "bottom", ``N`` for "all".
 
     ``num_valid`` may be an int or an integer tensor (elementwise). ``rho * N`` is shrunk by a relative 1e-12 before
-    the ceiling so that ``0.2 * 10`` (2.0000000000000004 in floating point) gives 2, not 3, while any rho > 0 still
-    keeps at least one of N > 0 tokens.
+    the ceiling so that ``0.28 * 25`` (7.000000000000001 in floating point) gives 7, not 8, while any rho > 0 still
+    keeps at least one of N > 0 tokens. This is the one rounding rule: the selection, the metrics and the analysis
+    all count through this function.
     """
     check_selection(selection)
     if selection == "all":
