@@ -1,5 +1,5 @@
 """The ``trl-forking`` command line: ``analyze``, ``render`` and ``overlap``, each a thin parser over
-``trl_forking.analysis``.
+``trl_forking.analysis``, and ``compare`` over ``trl_forking.study``.
 
 The analysis package (torch, transformers, matplotlib) is imported only when a subcommand runs: building the parser,
 and so ``--help`` or a usage error, needs only ``trl_forking.defaults``, which imports nothing.
@@ -153,10 +153,19 @@ def _overlap(args) -> None:
     overlap(args.model_a, args.model_b, args.output_dir, buckets=args.buckets, **_shared(args))
 
 
+def _compare(args) -> None:
+    from .study import compare_runs, format_table
+
+    summary = compare_runs(args.run_dirs, args.output_dir, args.metric)
+    print(format_table(summary))
+    if "files" in summary:
+        print("wrote: " + ", ".join(summary["files"].values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the ``trl-forking`` argument parser."""
     parser = _Parser(prog="trl-forking", description="Forking-token analysis (Beyond the 80/20 Rule).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{analyze,render,overlap}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{analyze,render,overlap,compare}")
 
     analyze_parser = commands.add_parser(
         "analyze",
@@ -201,13 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"percentile buckets of model A's entropy for the entropy change (default: {DEFAULT_ENTROPY_BUCKETS})",
     )
     overlap_parser.set_defaults(run=_overlap)
+
+    compare_parser = commands.add_parser(
+        "compare",
+        help="per-arm table and plots of finished training runs (an ablation study)",
+        description="Mean and standard error over seeds of each arm's final held-out accuracy and of the area under "
+        "its accuracy curve, the difference to the 'all' arm with a 95%% confidence interval, and plots of accuracy "
+        "and entropy percentiles against the training step.",
+    )
+    compare_parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or directories to search for runs"
+    )
+    compare_parser.add_argument("--metric", default="accuracy", help="accuracy (avg@n, default) or pass@K")
+    compare_parser.add_argument(
+        "--output-dir", "-o", help="write compare.md, compare.json and the plots here (default: print the table)"
+    )
+    compare_parser.set_defaults(run=_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status after running the subcommand in ``argv`` (``sys.argv[1:]`` when None)."""
     args = build_parser().parse_args(argv)
-    if args.no_progress:
+    if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

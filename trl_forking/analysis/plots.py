@@ -1,5 +1,5 @@
-"""The charts of the analysis: ``analyze``'s entropy histogram (log x axis) and forking-token frequency chart, and
-``overlap``'s entropy change by bucket.
+"""The charts of the analysis: ``analyze``'s entropy histogram (log x axis) and forking-token frequency chart,
+``overlap``'s entropy change by bucket, and ``compare``'s accuracy curves and entropy percentiles per arm.
 
 Both draw on a bare ``matplotlib.figure.Figure`` with the Agg canvas, so nothing touches pyplot's global state (safe
 in notebooks and without a display).
@@ -14,7 +14,14 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_entropy_change", "plot_entropy_histogram", "plot_forking_tokens", "save_figure"]
+__all__ = [
+    "plot_accuracy_curves",
+    "plot_entropy_change",
+    "plot_entropy_histogram",
+    "plot_entropy_percentiles",
+    "plot_forking_tokens",
+    "save_figure",
+]
 
 DPI = 120
 
@@ -120,4 +127,69 @@ def plot_entropy_change(rows: list[dict], path: str) -> str:
     axes.set_title("Entropy change from model A to model B by model A's entropy")
     if present:
         axes.legend(loc="best")
+    return save_figure(figure, path)
+
+
+def _by_arm(runs) -> dict:
+    """Returns ``{arm: [runs]}`` with "all" first, then by selection and rho."""
+    arms: dict = {}
+    for run in runs:
+        arms.setdefault(run.arm, []).append(run)
+    return dict(sorted(arms.items(), key=lambda item: (item[0].selection != "all", item[0].selection, item[0].rho)))
+
+
+def _mean_band(curves: list[tuple[list[int], list[float]]]):
+    """Returns ``(steps, mean, se)`` at the steps every curve shares (se 0 with one curve)."""
+    shared = sorted(set.intersection(*(set(steps) for steps, _ in curves)))
+    means, ses = [], []
+    for step in shared:
+        values = [dict(zip(steps, ys, strict=True))[step] for steps, ys in curves]
+        mean = sum(values) / len(values)
+        spread = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        means.append(mean)
+        ses.append(math.sqrt(spread / len(values)))
+    return shared, means, ses
+
+
+def plot_accuracy_curves(runs, metric: str, path: str) -> str:
+    """Returns ``path`` after drawing, per arm of ``runs`` (``trl_forking.study.Run``), ``metric`` against the
+    training step: the mean over seeds as a line, mean +- SE as a band, at the steps all the arm's runs evaluated."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for arm, members in _by_arm(runs).items():
+        steps, mean, se = _mean_band([run.curve(metric) for run in members])
+        line = axes.plot(
+            steps, [100 * m for m in mean], marker="o", markersize=3, label=f"{arm.label} (n={len(members)})"
+        )
+        low = [100 * (m - s) for m, s in zip(mean, se, strict=True)]
+        high = [100 * (m + s) for m, s in zip(mean, se, strict=True)]
+        axes.fill_between(steps, low, high, color=line[0].get_color(), alpha=0.2, linewidth=0)
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"{metric} (%)")
+    axes.set_title(f"Held-out {metric} per arm (mean +- SE over seeds)")
+    axes.legend(loc="best", fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_entropy_percentiles(runs, path: str, percentiles=(50, 80, 95)) -> str:
+    """Returns ``path`` after drawing, for each of ``percentiles``, the logged ``forking/entropy_p{p}`` against the
+    training step per arm (mean over seeds at the steps every run logged)."""
+    figure = Figure(figsize=(4 * len(percentiles), 3.8))
+    for index, p in enumerate(percentiles):
+        axes = figure.add_subplot(1, len(percentiles), index + 1)
+        name = f"forking/entropy_p{p}"
+        for arm, members in _by_arm(runs).items():
+            curves = []
+            for run in members:
+                logged = [(entry["step"], entry[name]) for entry in run.log_history if name in entry]
+                if logged:
+                    curves.append(([s for s, _ in logged], [v for _, v in logged]))
+            if curves:
+                steps, mean, _ = _mean_band(curves)
+                axes.plot(steps, mean, label=arm.label)
+        axes.set_yscale("log")
+        axes.set_xlabel("training step")
+        axes.set_title(f"entropy p{p} (nats)")
+        if index == 0:
+            axes.legend(loc="best", fontsize=7)
     return save_figure(figure, path)
