@@ -1,5 +1,6 @@
 """Recipes: every YAML parses into the right dataclasses with the paper's settings, the launcher configs load with
-accelerate's own loader, the no-argument demo trains, and ZeRO-2 / ZeRO-3 launches train on CPU over gloo."""
+accelerate's own loader, the no-argument demo trains, DDP / ZeRO-2 / ZeRO-3 launches train on CPU over gloo, and a
+resumed run logs what the uninterrupted one does."""
 
 import functools
 import glob
@@ -18,6 +19,7 @@ import torch
 from trl import ModelConfig
 
 from trl_forking import ForkingGRPOConfig
+from trl_forking.usage import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "recipes", "grpo_forking.py")
@@ -37,9 +39,9 @@ def _script():
     return module
 
 
-def _parse(*argv):
+def _parse(*argv, default_config=None):
     # bf16 false: the Qwen recipes ask for bf16, which transformers refuses on a machine without a GPU.
-    return _script().make_parser().parse_args_and_config([*argv, "--bf16", "false"])
+    return _script().make_parser().parse_recipe([*argv, "--bf16", "false"], default_config)
 
 
 def test_there_are_three_experiments_for_each_qwen3_size():
@@ -82,22 +84,51 @@ def test_command_line_flags_override_the_yaml():
     assert args.learning_rate == 3e-6 and script_args.overlong_buffer == 0
 
 
-def test_a_misspelt_key_fails(tmp_path):
+def test_flags_without_config_modify_the_demo_instead_of_replacing_it():
+    script_args, args, model_args = _parse("--max_steps", "1", default_config=DEMO)
+    assert args.max_steps == 1
+    # The rest is the demo's, not the dataclass defaults (dapo_accuracy, 256-token completions, bf16 ...).
+    assert script_args.reward_funcs == ["math_accuracy", "numeric_closeness"]
+    assert (args.max_completion_length, args.learning_rate, args.output_dir) == (24, 2e-3, "outputs/forking-demo")
+
+
+def test_a_misspelt_key_fails_and_suggests_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(DEMO).read() + "\nlearning_rat: 1.0e-6\n")
-    with pytest.raises(ValueError, match="Unknown arguments from config file: .*learning_rat"):
+    with pytest.raises(UsageError, match=f"learning_rat: unknown key in {bad}; did you mean 'learning_rate'"):
         _parse("--config", str(bad))
 
 
-def test_a_bad_forking_value_names_the_field_the_value_and_the_choices(tmp_path, capsys):
+def test_a_bad_forking_value_names_the_field_the_value_and_the_choices(tmp_path):
     allowed = r"\['step', 'micro_batch', 'local', 'sequence'\]"
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(DEMO).read().replace("forking_scope: step", "forking_scope: batch"))
-    with pytest.raises(ValueError, match=f"forking_scope must be one of {allowed}, got 'batch'"):
+    with pytest.raises(UsageError, match=f"forking_scope must be one of {allowed}, got 'batch'"):
         _parse("--config", str(bad))
-    with pytest.raises(SystemExit):  # on the command line argparse checks the choices itself
+    # On the command line argparse checks the choices itself; its message comes without the usage block.
+    with pytest.raises(UsageError) as raised:
         _parse("--config", DEMO, "--forking_scope", "batch")
-    assert "invalid choice: 'batch' (choose from 'step', 'micro_batch', 'local', 'sequence')" in capsys.readouterr().err
+    assert str(raised.value) == (
+        "--forking_scope: invalid choice: 'batch' (choose from 'step', 'micro_batch', 'local', 'sequence') (see --help)"
+    )
+
+
+def test_a_fresh_run_stops_before_loading_anything_when_its_output_dir_holds_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    fresh = _parse("--output_dir", str(tmp_path), default_config=DEMO)
+    with pytest.raises(UsageError, match=r"^output_dir: '.*' holds 1 checkpoint\(s\) of an earlier run"):
+        _script().check_inputs(*fresh)
+    resumed = _parse("--output_dir", str(tmp_path), "--resume_from_checkpoint", "last", default_config=DEMO)
+    _script().check_inputs(*resumed)
+    assert resumed[1].resume_from_checkpoint == str(tmp_path / "checkpoint-2")
+
+
+def test_a_combination_trl_refuses_when_it_builds_the_trainer_is_one_usage_error(tmp_path, tiny_model_dir):
+    # One reward weight for the demo's two reward functions: TRL raises a ValueError deep in GRPOTrainer.__init__.
+    argv = ["--model_name_or_path", tiny_model_dir, "--reward_weights", "1.0", "--output_dir", str(tmp_path)]
+    with pytest.raises(UsageError, match=r"^Number of reward weights \(1\) must match number of reward functions \(2"):
+        _script().main(*_parse(*argv, default_config=DEMO))
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
@@ -166,7 +197,12 @@ def test_the_no_argument_demo_trains_and_says_where_its_output_is(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("No --config: recipes/demo.yaml (the CPU demo)\n")
     assert "Training on 1 process(es)" in done.stdout
+    # The console: one short line per logging step, not transformers' dict of 35 metrics; no known-noise warnings.
+    logged = re.findall(r"^step \d+/100  reward .*$", done.stdout, re.MULTILINE)
+    assert len(logged) == 10 and all(len(line) < 250 and "threshold" in line for line in logged)
+    assert "{'loss'" not in done.stdout + done.stderr and "FutureWarning" not in done.stderr
     (tiny_model,) = glob.glob(str(tmp_path / "cache" / "trl-forking" / "*"))  # built by the demo itself
     steps = _check_trained(str(tmp_path / "outputs" / "forking-demo"), tiny_model, done.stdout)
     assert len(steps) == 10  # 100 steps, logged every 10
@@ -178,16 +214,20 @@ def test_the_no_argument_demo_trains_and_says_where_its_output_is(tmp_path):
     assert all(entry["frac_reward_zero_std"] < 1.0 for entry in steps)
 
 
+# What each launcher config must set up on two CPU processes (recipes/accelerate/*.yaml, "CPU (tests)" line).
+LAUNCHES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED ZeRO-2", "zero3": "DEEPSPEED ZeRO-3"}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_launch_on_two_cpu_processes_trains(tmp_path, tiny_model_dir, zero_stage):
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_launch_on_two_cpu_processes_trains_them_as_one_group(tmp_path, tiny_model_dir, launch):
     output_dir = str(tmp_path / "out")
     command = [
         shutil.which("accelerate") or "accelerate",
         "launch",
         "--config_file",
-        os.path.join(ROOT, "recipes", "accelerate", f"zero{zero_stage}.yaml"),
+        os.path.join(ROOT, "recipes", "accelerate", f"{launch}.yaml"),
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -213,8 +253,51 @@ def test_deepspeed_launch_on_two_cpu_processes_trains(tmp_path, tiny_model_dir, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Training on 2 process(es): DistributedType.DEEPSPEED ZeRO-{zero_stage}" in done.stdout
+    assert f"Training on 2 process(es): DistributedType.{LAUNCHES[launch]}" in done.stdout
     assert len(_check_trained(output_dir, tiny_model_dir, done.stdout)) == 3
+    # DeepSpeed's accelerator notice from the first rank only (and, for ZeRO, from accelerate's launcher itself), not
+    # once per rank; no FutureWarning about TRL's or DeepSpeed's calls.
+    assert (done.stdout + done.stderr).count("Setting accelerator to CPU") <= (2 if "zero" in launch else 1)
+    assert "FutureWarning" not in done.stderr, done.stderr[-3000:]
+
+
+# Logged values that measure time, not training: they differ between any two runs.
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _train(tmp_path, *argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _log_history(output_dir) -> list[dict]:
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in history]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupted_run_does(tmp_path, tiny_model_dir):
+    # Random selection: the tokens that enter the loss then depend on state a resume must restore too.
+    common = ["--model_name_or_path", tiny_model_dir, "--forking_selection", "random", "--max_steps", "4"]
+    common += ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    common += ["--per_device_train_batch_size", "16"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _train(tmp_path, *common, "--output_dir", str(whole))
+    # What a run stopped after step 2 leaves behind: its checkpoint.
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    done = _train(tmp_path, *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "true")
+    assert f"Resuming from {resumed / 'checkpoint-2'}" in done.stdout
+    expected, got = _log_history(whole), _log_history(resumed)
+    assert [entry.get("step") for entry in got] == [1, 2, 3, 4, 4]  # 4 steps and the end-of-training summary
+    # Steps 3 and 4 were trained again from the checkpoint: same losses, rewards and forking metrics (threshold,
+    # selected fraction, selected and unselected entropy means), to the last bit.
+    assert got[2:4] == expected[2:4] and "forking/entropy_selected_mean" in got[3]
+    changed = _changed_parameters(str(whole), str(resumed))
+    assert not any(changed.values()), [name for name, c in changed.items() if c]
 
 
 # --- recipes/eval_aime.py ------------------------------------------------------------------------------------------
