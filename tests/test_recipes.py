@@ -1,7 +1,8 @@
 """Recipes: every YAML parses into the right dataclasses with the paper's settings, the launcher configs load with
-accelerate's own loader, the no-argument demo trains, DDP / ZeRO-2 / ZeRO-3 launches train on CPU over gloo, and a
-resumed run logs what the uninterrupted one does."""
+accelerate's own loader, the no-argument demo trains, DDP / ZeRO-2 / ZeRO-3 launches train on CPU over gloo, a resumed
+run logs what the uninterrupted one does, and the Slurm launcher requeues and resumes."""
 
+import contextlib
 import functools
 import glob
 import importlib.util
@@ -10,9 +11,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -385,24 +388,44 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
 # --- recipes/slurm/grpo_forking.slurm ------------------------------------------------------------------------------
 
 
-def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
-    # Fake scontrol / srun / curl record what the script would run on a 3-node allocation.
-    log = tmp_path / "srun.log"
+SLURM_SCRIPT = "recipes/slurm/grpo_forking.slurm"
+
+
+def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, object]:
+    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl record what they are asked
+    (srun.log, scontrol.log); ``train_body`` runs in the training srun (e.g. a sleep)."""
+    srun_log, scontrol_log = tmp_path / "srun.log", tmp_path / "scontrol.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fakes = {
-        "scontrol": "printf 'gpu-a\\ngpu-b\\ngpu-c\\n'",
+        "scontrol": f'echo "$*" >> {scontrol_log}; [ "$1" = show ] && printf \'gpu-a\\ngpu-b\\ngpu-c\\n\'; true',
         # One record per call, ended by \x1e: the two sruns run in the background, in either order.
-        "srun": f"printf '%s\\x1e' \"$*\" >> {log}",
-        "curl": "exit 0",
+        "srun": f'printf \'%s\\x1e\' "$*" >> {srun_log}; case "$*" in *"accelerate launch"*) {train_body};; esac',
+        # Healthy once the server's srun has started (recorded): the script's exit trap may not kill it earlier.
+        "curl": f"for i in $(seq 100); do grep -qs vllm-serve {srun_log} && exit 0; sleep 0.1; done",
     }
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]"}
+    env["SLURM_JOB_ID"] = "4242"
+    env.pop("SLURM_RESTART_COUNT", None)
+    return env, srun_log, scontrol_log
+
+
+def _slurm_records(srun_log) -> tuple[str, str]:
+    """Returns the (vLLM, training) srun command lines recorded in ``srun_log``."""
+    records = [r for r in srun_log.read_text().split("\x1e") if r.strip()]
+    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
+    (train,) = [r for r in records if r is not serve]
+    return serve, " ".join(train.split())
+
+
+def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
+    env, srun_log, _ = _fake_slurm(tmp_path)
     recipe = "recipes/qwen3-14b/forking_dapo.yaml"
     done = subprocess.run(
-        ["bash", "recipes/slurm/grpo_forking.slurm", recipe, "zero3", "--max_steps", "5"],
+        ["bash", SLURM_SCRIPT, recipe, "zero3", "--max_steps", "5"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -410,13 +433,60 @@ def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    records = [r for r in log.read_text().split("\x1e") if r.strip()]
-    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
-    (train,) = [r for r in records if r is not serve]
+    serve, launch = _slurm_records(srun_log)
     assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
     assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
-    assert train.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
-    launch = " ".join(train.split())
+    assert launch.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
     assert "--config_file recipes/accelerate/zero3.yaml --num_machines 2 --num_processes 16" in launch
     assert "--machine_rank $SLURM_PROCID --main_process_ip gpu-a --main_process_port 29500" in launch
-    assert f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5" in launch
+    assert launch.endswith(f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5")
+
+
+def test_slurm_script_asks_to_be_requeued_and_warned_before_its_time_limit():
+    directives = [line.split()[1] for line in open(os.path.join(ROOT, SLURM_SCRIPT)) if line.startswith("#SBATCH")]
+    assert "--requeue" in directives and "--open-mode=append" in directives
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
+
+
+@pytest.mark.parametrize("has_checkpoint", [True, False])
+def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint_when_there_is_one(tmp_path, has_checkpoint):
+    env, srun_log, _ = _fake_slurm(tmp_path)
+    env["SLURM_RESTART_COUNT"] = "1"
+    output_dir = tmp_path / "run"
+    if has_checkpoint:
+        (output_dir / "checkpoint-50").mkdir(parents=True)
+        (output_dir / "checkpoint-50" / "trainer_state.json").write_text("{}")
+    # --output_dir among the extra flags overrides the recipe's, for the script and for the launcher's check alike.
+    argv = ["recipes/qwen3-8b/forking_dapo.yaml", "zero3", "--output_dir", str(output_dir)]
+    done = subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _, launch = _slurm_records(srun_log)
+    assert ("--resume_from_checkpoint true" in launch) == has_checkpoint
+    assert launch.endswith(f"--output_dir {output_dir}")
+
+
+def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
+    env, srun_log, scontrol_log = _fake_slurm(tmp_path, train_body="exec sleep 60")
+    output = tmp_path / "job.out"
+    with open(output, "w") as out:
+        # Its own process group, so that the fake training srun, which Slurm would stop on requeue, is stopped below.
+        job = subprocess.Popen(
+            ["bash", SLURM_SCRIPT, "recipes/qwen3-8b/forking_dapo.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "accelerate launch" not in (srun_log.read_text() if srun_log.exists() else ""):
+            assert time.monotonic() < deadline and job.poll() is None, output.read_text()
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch shell
+        job.wait(timeout=30)  # the trap ran at once, although training (sleep 60) was still going
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "requeue 4242" in scontrol_log.read_text().splitlines()
+    assert "requeueing job 4242" in output.read_text()
