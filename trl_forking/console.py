@@ -4,11 +4,11 @@ known-noise warnings of the recipe scripts silenced.
 The line keeps the figures a user watches, under the names they have in ``trainer_state.json`` and the trackers
 (``forking/threshold`` shows as ``threshold``, ``rewards/<func>/mean`` as ``<func>``)::
 
-    step 10/100  reward 0.0620  math_accuracy_reward 0.000  frac_reward_zero_std 0.00  threshold 6.310
-    selected_fraction 0.2005  entropy_p50 6.201  entropy_p95 6.412  step_time 0.21s
+    step 10/100  reward 0.0468  math_accuracy_reward 0.000  numeric_closeness_reward 0.047  frac_reward_zero_std 0.00
+    threshold 6.221  selected_fraction 0.2005  entropy_p50 6.220  entropy_p95 6.222  step_time 0.19s
 
-(one line on the console). Every metric still goes to ``trainer_state.json`` and ``report_to``; only the printing
-changes. The library never calls ``quiet_known_noise``: the scripts do.
+(one line on the console: the demo's 10th step). Every metric still goes to ``trainer_state.json`` and
+``report_to``; only the printing changes. The library never calls ``quiet_known_noise``: the scripts do.
 """
 
 from __future__ import annotations
