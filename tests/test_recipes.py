@@ -275,7 +275,6 @@ def _log_history(output_dir) -> list[dict]:
     return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in history]
 
 
-@pytest.mark.slow
 def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupted_run_does(tmp_path, tiny_model_dir):
     # Random selection: the tokens that enter the loss then depend on state a resume must restore too.
     common = ["--model_name_or_path", tiny_model_dir, "--forking_selection", "random", "--max_steps", "4"]

@@ -59,7 +59,7 @@ def format_log(logs: dict, step: int, max_steps: int) -> str:
     """
     if "train_runtime" in logs:
         loss = _number(logs.get("train_loss"))
-        return f"done: {step} steps in {float(logs['train_runtime']):.1f} s" + (
+        return f"done: {step} step{'s' * (step != 1)} in {float(logs['train_runtime']):.1f} s" + (
             f", mean loss {loss:.4g}" if loss is not None else ""
         )
     prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""

@@ -85,7 +85,8 @@ def _finished_run(output_dir: str) -> str | None:
     saved = datetime.datetime.fromtimestamp(newest).strftime("%Y-%m-%d %H:%M")
     try:
         with open(os.path.join(output_dir, _STATE_FILE)) as f:
-            steps = f"{json.load(f)['global_step']} steps, "
+            step = json.load(f)["global_step"]
+        steps = f"{step} step{'s' * (step != 1)}, "
     except (OSError, ValueError, KeyError):
         steps = ""
     return f"{steps}saved {saved}"
