@@ -127,7 +127,8 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
 
-    with input_errors(None, ValueError, ImportError):  # TRL refusing a combination of options, or vLLM missing
+    # TRL refusing a combination of options, or vLLM missing; deep enough that the message says how to see where.
+    with input_errors(None, ValueError, ImportError, traceback_hint=True):
         trainer = ForkingGRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,

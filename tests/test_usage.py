@@ -33,6 +33,12 @@ def test_input_errors_lets_every_other_error_keep_its_traceback():
         raise RuntimeError("shape mismatch")
 
 
+def test_a_deep_call_says_how_to_see_the_traceback():
+    with pytest.raises(UsageError, match=r"^bad combination \(TRL_FORKING_TRACEBACK=1 shows where it was raised\)$"):
+        with input_errors(None, ValueError, traceback_hint=True):
+            raise ValueError("bad combination")
+
+
 def test_traceback_env_shows_the_original_error(monkeypatch):
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match="bad"), input_errors("field"):

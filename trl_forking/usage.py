@@ -45,11 +45,12 @@ def one_line(text) -> str:
 
 
 @contextlib.contextmanager
-def input_errors(what: str | None, *types: type[BaseException]):
+def input_errors(what: str | None, *types: type[BaseException], traceback_hint: bool = False):
     """Re-raises the listed exception types (default ``OSError``, ``ValueError``) as ``UsageError``.
 
     The message is ``"{what}: {error}"``, or the error alone when ``what`` is None (for library messages that name the
-    field already). Wrap only calls whose failures with these types come from the user's input.
+    field already). Wrap only calls whose failures with these types come from the user's input. ``traceback_hint``
+    ends the message with how to see the traceback, for calls deep enough that a bug could raise the same types.
     """
     caught = types or (OSError, ValueError)
     try:
@@ -58,7 +59,9 @@ def input_errors(what: str | None, *types: type[BaseException]):
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         message = one_line(error) or type(error).__name__
-        raise UsageError(message if what is None else f"{what}: {message}") from error
+        message = message if what is None else f"{what}: {message}"
+        hint = f" ({TRACEBACK_ENV}=1 shows where it was raised)" if traceback_hint else ""
+        raise UsageError(message + hint) from error
 
 
 @contextlib.contextmanager
