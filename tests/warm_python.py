@@ -14,9 +14,10 @@ import json
 import os
 import subprocess
 import sys
+from subprocess import CompletedProcess
 
 _SERVER = r"""
-import json, os, runpy, sys, traceback
+import json, os, runpy, signal, sys, time, traceback
 
 for script in sys.argv[1:]:
     runpy.run_path(script, run_name="__warm__")  # the imports and definitions, not the main block
@@ -43,8 +44,12 @@ for line in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
+    deadline = time.monotonic() + run["timeout"]
+    while not (waited := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:  # a run that hangs is killed, as subprocess.run(timeout=...) would
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    print(os.waitstatus_to_exitcode(waited[1]), flush=True)
 """
 
 
@@ -64,16 +69,20 @@ class WarmPython:
         if ready.strip() != "ready":
             raise RuntimeError(f"the warm interpreter did not start: {ready!r}")
 
-    def run(self, script: str, argv: list[str], cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Returns what ``python script *argv`` run in ``cwd`` with ``env`` added gave: exit status, stdout, stderr."""
+    def run(self, script: str, argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> CompletedProcess:
+        """Returns what ``python script *argv`` run in ``cwd`` with ``env`` added gave: exit status, stdout, stderr.
+
+        A run still going after ``timeout`` seconds is killed (exit status -9).
+        """
         self.count += 1
         out, err = (os.path.join(self.workdir, f"run{self.count}.{name}") for name in ("out", "err"))
         request = {"script": script, "argv": argv, "cwd": str(cwd), "env": env or {}, "stdout": out, "stderr": err}
+        request["timeout"] = timeout
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         code = int(self.server.stdout.readline())
         with open(out) as stdout, open(err) as stderr:
-            return subprocess.CompletedProcess([script, *argv], code, stdout.read(), stderr.read())
+            return CompletedProcess([script, *argv], code, stdout.read(), stderr.read())
 
     def __enter__(self) -> WarmPython:
         return self
