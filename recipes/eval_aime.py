@@ -7,7 +7,8 @@ Samples ``num_samples`` completions per problem (vLLM when it is installed and a
 ``generate``), grades each with ``trl_forking.rewards.math_accuracy_reward`` (``\\boxed{}`` or DAPO's ``Answer:``
 line) and writes, per dataset, ``<name>.jsonl`` (one line per problem: completions, verdicts, pass@k) and
 ``<name>_summary.json``. Datasets are ``EVAL_SETS`` keys, their Hub names, or local files with ``problem`` (or
-``question``) and ``answer`` columns. ``--config eval.yaml`` reads the same fields from YAML.
+``question``) and ``answer`` columns. ``--config eval.yaml`` reads the same fields from YAML. It will not overwrite
+another model's results in ``output_dir``. Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 
-from trl import TrlParser
-
 from trl_forking.data import load_math_eval
+from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import math_accuracy_reward
+from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
 
 BACKENDS = ("auto", "vllm", "transformers")
 
@@ -99,6 +101,39 @@ def summarize(rows: list[dict], ks: list[int], num_samples: int) -> dict:
     }
 
 
+def result_stem(name: str) -> str:
+    """Returns the file stem of a dataset's results in ``output_dir``: ``data/aime_2024.jsonl`` -> ``aime_2024``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(name))[0])
+
+
+def check_inputs(args: EvalArguments) -> None:
+    """Raises ``UsageError`` for a model, dataset or backend the run would fail on later, or for an ``output_dir``
+    holding another model's results on the same datasets; prints a line for each of this model's it overwrites."""
+    check_model(args.model_name_or_path)
+    for name in args.datasets:
+        check_data_source(name, "datasets")
+    if args.backend == "vllm":
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            raise UsageError(
+                "backend: 'vllm' needs the vllm package and a CUDA GPU (pip install -e '.[vllm]'); use --backend "
+                "transformers, or auto to take vLLM when it is usable"
+            )
+    for name in args.datasets:
+        path = os.path.join(args.output_dir, f"{result_stem(name)}_summary.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f, input_errors(f"output_dir: {path}"):
+            previous = json.load(f).get("model")
+        if os.path.normpath(str(previous)) != os.path.normpath(args.model_name_or_path):
+            raise UsageError(
+                f"output_dir: {args.output_dir!r} holds results of another model ({previous!r}) on {name!r}; "
+                "choose another --output_dir"
+            )
+        print(f"output_dir {args.output_dir!r}: overwriting the earlier results of this model on {name!r}")
+
+
 def _use_vllm(backend: str) -> bool:
     """Returns whether to generate with vLLM: asked for, or ``auto`` with vLLM installed and a GPU present."""
     if backend != "auto":
@@ -159,7 +194,8 @@ def main(args: EvalArguments) -> dict[str, dict]:
     generate = generate_vllm if use_vllm else generate_transformers
     summaries = {}
     for name in args.datasets:
-        dataset = load_math_eval(name)
+        with input_errors("datasets"):
+            dataset = load_math_eval(name)
         if args.limit is not None:
             dataset = dataset.select(range(min(args.limit, len(dataset))))
         samples = generate(args, dataset["prompt"])
@@ -174,7 +210,7 @@ def main(args: EvalArguments) -> dict[str, dict]:
                     **score_problem(completions, problem["answer"], args.k),
                 }
             )
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(name))[0])
+        stem = result_stem(name)
         with open(os.path.join(args.output_dir, f"{stem}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         summary = {
@@ -193,5 +229,7 @@ def main(args: EvalArguments) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    (eval_args,) = TrlParser(EvalArguments).parse_args_and_config()
-    main(eval_args)
+    with exit_on_usage_error(os.path.basename(__file__)):
+        (eval_args,) = RecipeParser(EvalArguments).parse_recipe(sys.argv[1:])
+        check_inputs(eval_args)
+        main(eval_args)

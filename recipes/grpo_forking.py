@@ -3,10 +3,14 @@
     accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_forking.py \\
         --config recipes/qwen3-8b/forking_dapo.yaml [--any_field value ...]
 
-Flags after ``--config`` override the YAML. With no arguments at all (``python recipes/grpo_forking.py`` or
-``accelerate launch recipes/grpo_forking.py``) it runs the CPU demo of ``recipes/demo.yaml``: a tiny GPT-2 built
-locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in under a minute on two
-cores. No model or dataset given means the tiny model and the bundled set; nothing is downloaded for them.
+Flags after ``--config`` override the YAML. Without ``--config`` the recipe is ``recipes/demo.yaml``, the CPU demo: a
+tiny GPT-2 built locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in under a
+minute on two cores; flags then modify the demo (``--max_steps 10``), and the first line says so. No model or dataset
+given means the tiny model and the bundled set; nothing is downloaded for them.
+
+``--resume_from_checkpoint true`` (or ``last``, or a ``checkpoint-N`` folder) resumes; a fresh run refuses an
+``output_dir`` that holds checkpoints (``--overwrite_output_dir true`` deletes them) and says when it overwrites a
+finished run. Bad input ends with one line on stderr and exit status 2 (``trl_forking.usage``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, build_tiny_model
+from trl_forking.console import quiet_known_noise, use_compact_log
 from trl_forking.data import load_train_dataset
+from trl_forking.launch import check_launch, check_world_size, cpu_defaults
+from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
+from trl_forking.run_dir import check_output_dir, resolve_resume
+from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
@@ -46,19 +55,47 @@ class ForkingScriptArguments(ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N prompts only (smoke tests). None: all."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a fresh run in an output_dir that holds checkpoints of an earlier one, deleting them. "
+            "Without it such a run stops and asks (resume with --resume_from_checkpoint true)."
+        },
+    )
 
 
-def make_parser() -> TrlParser:
+def make_parser() -> RecipeParser:
     """Returns the parser of (ForkingScriptArguments, ForkingGRPOConfig, ModelConfig), with CPU-safe defaults."""
-    parser = TrlParser((ForkingScriptArguments, ForkingGRPOConfig, ModelConfig))
+    parser = RecipeParser((ForkingScriptArguments, ForkingGRPOConfig, ModelConfig))
     if not torch.cuda.is_available():
-        # GRPOConfig defaults to bf16, which transformers refuses on CPU.
-        parser.set_defaults(bf16=False)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # accelerate picks a distributed backend only for accelerators: CPU processes under `accelerate launch`
-            # (DeepSpeed included) would otherwise each train alone.
-            parser.set_defaults(ddp_backend="gloo")
+        # bf16 off; under a multi-process launch one gloo group instead of processes that each train alone.
+        parser.set_defaults(**cpu_defaults())
     return parser
+
+
+def check_inputs(
+    script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig
+) -> None:
+    """Raises ``UsageError`` for input that would otherwise fail later, deep in a library or after training; sets
+    ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a fresh run)."""
+    if model_args.model_name_or_path is not None:
+        check_model(model_args.model_name_or_path, revision=model_args.model_revision)
+    if script_args.dataset_name is not None:
+        check_data_source(script_args.dataset_name, "dataset_name")
+    if script_args.max_train_samples is not None and script_args.max_train_samples < 1:
+        raise UsageError(f"max_train_samples: {script_args.max_train_samples} must be >= 1 (or unset for all)")
+    with input_errors(None, ValueError):  # its messages name reward_funcs / overlong_buffer
+        get_reward_funcs(script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer)
+    check_world_size(training_args.distributed_state)
+    output_dir, main_process = training_args.output_dir, training_args.process_index == 0
+    checkpoint = resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    training_args.resume_from_checkpoint = checkpoint
+    if checkpoint is not None:
+        notice = f"Resuming from {checkpoint}"
+    else:
+        notice = check_output_dir(output_dir, False, script_args.overwrite_output_dir, main_process)
+    if notice and main_process:
+        print(notice)
 
 
 def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig) -> str:
@@ -77,23 +114,29 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         "attn_implementation": model_args.attn_implementation,
         **(training_args.model_init_kwargs or {}),
     }
-    with training_args.main_process_first(desc="preparing the dataset"):
+    with training_args.main_process_first(desc="preparing the dataset"), input_errors("dataset_name"):
         dataset = load_train_dataset(
             script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
         )
+    if len(dataset) == 0:
+        split = script_args.dataset_train_split
+        raise UsageError(f"dataset_name: {script_args.dataset_name!r} has no rows in split {split!r}")
     if script_args.max_train_samples is not None:
         dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
 
-    trainer = ForkingGRPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=dataset,
-        peft_config=get_peft_config(model_args),
-    )
+    # TRL refusing a combination of options, or vLLM missing; deep enough that the message says how to see where.
+    with input_errors(None, ValueError, ImportError, traceback_hint=True):
+        trainer = ForkingGRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=dataset,
+            peft_config=get_peft_config(model_args),
+        )
+    use_compact_log(trainer)
     state = trainer.accelerator.state
     zero = f" ZeRO-{state.deepspeed_plugin.zero_stage}" if state.deepspeed_plugin else ""
     trainer.accelerator.print(f"Training on {state.num_processes} process(es): {state.distributed_type}{zero}")
@@ -119,5 +162,13 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:] or ["--config", DEMO_CONFIG]
-    main(*make_parser().parse_args_and_config(argv))
+    quiet_known_noise()
+    with exit_on_usage_error(os.path.basename(__file__)):
+        check_launch()
+        parser = make_parser()
+        parsed = parser.parse_recipe(sys.argv[1:], default_config=DEMO_CONFIG)
+        if parser.default_config_used and parsed[1].process_index == 0:
+            changes = f", with {' '.join(sys.argv[1:])} on top" if sys.argv[1:] else ""
+            print(f"No --config: recipes/{os.path.basename(DEMO_CONFIG)} (the CPU demo){changes}")
+        check_inputs(*parsed)
+        main(*parsed)

@@ -1,6 +1,8 @@
 """Recipes: every YAML parses into the right dataclasses with the paper's settings, the launcher configs load with
-accelerate's own loader, the no-argument demo trains, and ZeRO-2 / ZeRO-3 launches train on CPU over gloo."""
+accelerate's own loader, the no-argument demo trains, DDP / ZeRO-2 / ZeRO-3 launches train on CPU over gloo, a resumed
+run logs what the uninterrupted one does, and the Slurm launcher requeues and resumes."""
 
+import contextlib
 import functools
 import glob
 import importlib.util
@@ -9,15 +11,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from trl import ModelConfig
 
 from trl_forking import ForkingGRPOConfig
+from trl_forking.usage import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "recipes", "grpo_forking.py")
@@ -37,9 +42,9 @@ def _script():
     return module
 
 
-def _parse(*argv):
+def _parse(*argv, default_config=None):
     # bf16 false: the Qwen recipes ask for bf16, which transformers refuses on a machine without a GPU.
-    return _script().make_parser().parse_args_and_config([*argv, "--bf16", "false"])
+    return _script().make_parser().parse_recipe([*argv, "--bf16", "false"], default_config)
 
 
 def test_there_are_three_experiments_for_each_qwen3_size():
@@ -82,22 +87,44 @@ def test_command_line_flags_override_the_yaml():
     assert args.learning_rate == 3e-6 and script_args.overlong_buffer == 0
 
 
-def test_a_misspelt_key_fails(tmp_path):
+def test_flags_without_config_modify_the_demo_instead_of_replacing_it():
+    script_args, args, model_args = _parse("--max_steps", "1", default_config=DEMO)
+    assert args.max_steps == 1
+    # The rest is the demo's, not the dataclass defaults (dapo_accuracy, 256-token completions, bf16 ...).
+    assert script_args.reward_funcs == ["math_accuracy", "numeric_closeness"]
+    assert (args.max_completion_length, args.learning_rate, args.output_dir) == (24, 2e-3, "outputs/forking-demo")
+
+
+def test_a_misspelt_key_fails_and_suggests_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(DEMO).read() + "\nlearning_rat: 1.0e-6\n")
-    with pytest.raises(ValueError, match="Unknown arguments from config file: .*learning_rat"):
+    with pytest.raises(UsageError, match=f"learning_rat: unknown key in {bad}; did you mean 'learning_rate'"):
         _parse("--config", str(bad))
 
 
-def test_a_bad_forking_value_names_the_field_the_value_and_the_choices(tmp_path, capsys):
+def test_a_bad_forking_value_names_the_field_the_value_and_the_choices(tmp_path):
     allowed = r"\['step', 'micro_batch', 'local', 'sequence'\]"
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(DEMO).read().replace("forking_scope: step", "forking_scope: batch"))
-    with pytest.raises(ValueError, match=f"forking_scope must be one of {allowed}, got 'batch'"):
+    with pytest.raises(UsageError, match=f"forking_scope must be one of {allowed}, got 'batch'"):
         _parse("--config", str(bad))
-    with pytest.raises(SystemExit):  # on the command line argparse checks the choices itself
+    # On the command line argparse checks the choices itself; its message comes without the usage block.
+    with pytest.raises(UsageError) as raised:
         _parse("--config", DEMO, "--forking_scope", "batch")
-    assert "invalid choice: 'batch' (choose from 'step', 'micro_batch', 'local', 'sequence')" in capsys.readouterr().err
+    assert str(raised.value) == (
+        "--forking_scope: invalid choice: 'batch' (choose from 'step', 'micro_batch', 'local', 'sequence') (see --help)"
+    )
+
+
+def test_a_fresh_run_stops_before_loading_anything_when_its_output_dir_holds_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    fresh = _parse("--output_dir", str(tmp_path), default_config=DEMO)
+    with pytest.raises(UsageError, match=r"^output_dir: '.*' holds 1 checkpoint\(s\) of an earlier run"):
+        _script().check_inputs(*fresh)
+    resumed = _parse("--output_dir", str(tmp_path), "--resume_from_checkpoint", "last", default_config=DEMO)
+    _script().check_inputs(*resumed)
+    assert resumed[1].resume_from_checkpoint == str(tmp_path / "checkpoint-2")
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
@@ -166,7 +193,12 @@ def test_the_no_argument_demo_trains_and_says_where_its_output_is(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("No --config: recipes/demo.yaml (the CPU demo)\n")
     assert "Training on 1 process(es)" in done.stdout
+    # The console: one short line per logging step, not transformers' dict of 35 metrics; no known-noise warnings.
+    logged = re.findall(r"^step \d+/100  reward .*$", done.stdout, re.MULTILINE)
+    assert len(logged) == 10 and all(len(line) < 250 and "threshold" in line for line in logged)
+    assert "{'loss'" not in done.stdout + done.stderr and "FutureWarning" not in done.stderr
     (tiny_model,) = glob.glob(str(tmp_path / "cache" / "trl-forking" / "*"))  # built by the demo itself
     steps = _check_trained(str(tmp_path / "outputs" / "forking-demo"), tiny_model, done.stdout)
     assert len(steps) == 10  # 100 steps, logged every 10
@@ -178,16 +210,20 @@ def test_the_no_argument_demo_trains_and_says_where_its_output_is(tmp_path):
     assert all(entry["frac_reward_zero_std"] < 1.0 for entry in steps)
 
 
+# What each launcher config must set up on two CPU processes (recipes/accelerate/*.yaml, "CPU (tests)" line).
+LAUNCHES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED ZeRO-2", "zero3": "DEEPSPEED ZeRO-3"}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_launch_on_two_cpu_processes_trains(tmp_path, tiny_model_dir, zero_stage):
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_launch_on_two_cpu_processes_trains_them_as_one_group(tmp_path, tiny_model_dir, launch):
     output_dir = str(tmp_path / "out")
     command = [
         shutil.which("accelerate") or "accelerate",
         "launch",
         "--config_file",
-        os.path.join(ROOT, "recipes", "accelerate", f"zero{zero_stage}.yaml"),
+        os.path.join(ROOT, "recipes", "accelerate", f"{launch}.yaml"),
         "--num_processes",
         "2",
         "--mixed_precision",
@@ -213,8 +249,50 @@ def test_deepspeed_launch_on_two_cpu_processes_trains(tmp_path, tiny_model_dir, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Training on 2 process(es): DistributedType.DEEPSPEED ZeRO-{zero_stage}" in done.stdout
+    assert f"Training on 2 process(es): DistributedType.{LAUNCHES[launch]}" in done.stdout
     assert len(_check_trained(output_dir, tiny_model_dir, done.stdout)) == 3
+    # DeepSpeed's accelerator notice from the first rank only (and, for ZeRO, from accelerate's launcher itself), not
+    # once per rank; no FutureWarning about TRL's or DeepSpeed's calls.
+    assert (done.stdout + done.stderr).count("Setting accelerator to CPU") <= (2 if "zero" in launch else 1)
+    assert "FutureWarning" not in done.stderr, done.stderr[-3000:]
+
+
+# Logged values that measure time, not training: they differ between any two runs.
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _train(tmp_path, *argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _log_history(output_dir) -> list[dict]:
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in history]
+
+
+def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupted_run_does(tmp_path, tiny_model_dir):
+    # Random selection: the tokens that enter the loss then depend on state a resume must restore too.
+    common = ["--model_name_or_path", tiny_model_dir, "--forking_selection", "random", "--max_steps", "4"]
+    common += ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    common += ["--per_device_train_batch_size", "16"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _train(tmp_path, *common, "--output_dir", str(whole))
+    # What a run stopped after step 2 leaves behind: its checkpoint.
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    done = _train(tmp_path, *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "true")
+    assert f"Resuming from {resumed / 'checkpoint-2'}" in done.stdout
+    expected, got = _log_history(whole), _log_history(resumed)
+    assert [entry.get("step") for entry in got] == [1, 2, 3, 4, 4]  # 4 steps and the end-of-training summary
+    # Steps 3 and 4 were trained again from the checkpoint: same losses, rewards and forking metrics (threshold,
+    # selected fraction, selected and unselected entropy means), to the last bit.
+    assert got[2:4] == expected[2:4] and "forking/entropy_selected_mean" in got[3]
+    changed = _changed_parameters(str(whole), str(resumed))
+    assert not any(changed.values()), [name for name, c in changed.items() if c]
 
 
 # --- recipes/eval_aime.py ------------------------------------------------------------------------------------------
@@ -302,24 +380,44 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
 # --- recipes/slurm/grpo_forking.slurm ------------------------------------------------------------------------------
 
 
-def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
-    # Fake scontrol / srun / curl record what the script would run on a 3-node allocation.
-    log = tmp_path / "srun.log"
+SLURM_SCRIPT = "recipes/slurm/grpo_forking.slurm"
+
+
+def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, object]:
+    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl record what they are asked
+    (srun.log, scontrol.log); ``train_body`` runs in the training srun (e.g. a sleep)."""
+    srun_log, scontrol_log = tmp_path / "srun.log", tmp_path / "scontrol.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fakes = {
-        "scontrol": "printf 'gpu-a\\ngpu-b\\ngpu-c\\n'",
+        "scontrol": f'echo "$*" >> {scontrol_log}; [ "$1" = show ] && printf \'gpu-a\\ngpu-b\\ngpu-c\\n\'; true',
         # One record per call, ended by \x1e: the two sruns run in the background, in either order.
-        "srun": f"printf '%s\\x1e' \"$*\" >> {log}",
-        "curl": "exit 0",
+        "srun": f'printf \'%s\\x1e\' "$*" >> {srun_log}; case "$*" in *"accelerate launch"*) {train_body};; esac',
+        # Healthy once the server's srun has started (recorded): the script's exit trap may not kill it earlier.
+        "curl": f"for i in $(seq 100); do grep -qs vllm-serve {srun_log} && exit 0; sleep 0.1; done",
     }
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]"}
+    env["SLURM_JOB_ID"] = "4242"
+    env.pop("SLURM_RESTART_COUNT", None)
+    return env, srun_log, scontrol_log
+
+
+def _slurm_records(srun_log) -> tuple[str, str]:
+    """Returns the (vLLM, training) srun command lines recorded in ``srun_log``."""
+    records = [r for r in srun_log.read_text().split("\x1e") if r.strip()]
+    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
+    (train,) = [r for r in records if r is not serve]
+    return serve, " ".join(train.split())
+
+
+def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
+    env, srun_log, _ = _fake_slurm(tmp_path)
     recipe = "recipes/qwen3-14b/forking_dapo.yaml"
     done = subprocess.run(
-        ["bash", "recipes/slurm/grpo_forking.slurm", recipe, "zero3", "--max_steps", "5"],
+        ["bash", SLURM_SCRIPT, recipe, "zero3", "--max_steps", "5"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -327,13 +425,60 @@ def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    records = [r for r in log.read_text().split("\x1e") if r.strip()]
-    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
-    (train,) = [r for r in records if r is not serve]
+    serve, launch = _slurm_records(srun_log)
     assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
     assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
-    assert train.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
-    launch = " ".join(train.split())
+    assert launch.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
     assert "--config_file recipes/accelerate/zero3.yaml --num_machines 2 --num_processes 16" in launch
     assert "--machine_rank $SLURM_PROCID --main_process_ip gpu-a --main_process_port 29500" in launch
-    assert f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5" in launch
+    assert launch.endswith(f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5")
+
+
+def test_slurm_script_asks_to_be_requeued_and_warned_before_its_time_limit():
+    directives = [line.split()[1] for line in open(os.path.join(ROOT, SLURM_SCRIPT)) if line.startswith("#SBATCH")]
+    assert "--requeue" in directives and "--open-mode=append" in directives
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
+
+
+@pytest.mark.parametrize("has_checkpoint", [True, False])
+def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint_when_there_is_one(tmp_path, has_checkpoint):
+    env, srun_log, _ = _fake_slurm(tmp_path)
+    env["SLURM_RESTART_COUNT"] = "1"
+    output_dir = tmp_path / "run"
+    if has_checkpoint:
+        (output_dir / "checkpoint-50").mkdir(parents=True)
+        (output_dir / "checkpoint-50" / "trainer_state.json").write_text("{}")
+    # --output_dir among the extra flags overrides the recipe's, for the script and for the launcher's check alike.
+    argv = ["recipes/qwen3-8b/forking_dapo.yaml", "zero3", "--output_dir", str(output_dir)]
+    done = subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _, launch = _slurm_records(srun_log)
+    assert ("--resume_from_checkpoint true" in launch) == has_checkpoint
+    assert launch.endswith(f"--output_dir {output_dir}")
+
+
+def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
+    env, srun_log, scontrol_log = _fake_slurm(tmp_path, train_body="exec sleep 60")
+    output = tmp_path / "job.out"
+    with open(output, "w") as out:
+        # Its own process group, so that the fake training srun, which Slurm would stop on requeue, is stopped below.
+        job = subprocess.Popen(
+            ["bash", SLURM_SCRIPT, "recipes/qwen3-8b/forking_dapo.yaml"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "accelerate launch" not in (srun_log.read_text() if srun_log.exists() else ""):
+            assert time.monotonic() < deadline and job.poll() is None, output.read_text()
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch shell
+        job.wait(timeout=30)  # the trap ran at once, although training (sleep 60) was still going
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "requeue 4242" in scontrol_log.read_text().splitlines()
+    assert "requeueing job 4242" in output.read_text()
