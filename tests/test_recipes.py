@@ -4,7 +4,6 @@ accelerate's own loader, the no-argument demo trains, and ZeRO-2 / ZeRO-3 launch
 import functools
 import glob
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -230,36 +229,6 @@ def _eval_script():
     return module
 
 
-@pytest.mark.parametrize(
-    ("n", "c", "k"), [(4, 1, 2), (10, 3, 1), (5, 0, 3), (5, 3, 3), (6, 2, 3), (7, 7, 4), (8, 1, 8)]
-)
-def test_pass_at_k_equals_the_share_of_k_subsets_with_a_correct_sample(n, c, k):
-    # Naive reference: enumerate every k-subset of n samples of which the first c are correct.
-    subsets = list(itertools.combinations(range(n), k))
-    expected = sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
-    assert _eval_script().pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
-
-
-def test_score_problem_and_summary_by_hand():
-    module = _eval_script()
-    completions = ["\\boxed{204}", "so...\nAnswer: 204", "\\boxed{1}", ""]
-    row = module.score_problem(completions, "204", [1, 2, 4])
-    assert row["correct"] == [True, True, False, False] and row["accuracy"] == 0.5
-    # pass@2 = 1 - C(2, 2) / C(4, 2) = 1 - 1/6
-    assert row["pass@k"] == {"1": 0.5, "2": pytest.approx(5 / 6), "4": 1.0}
-    unscored = module.score_problem(["\\boxed{1}"] * 4, "}{}{}{", [1])  # gold math-verify cannot parse
-    assert unscored["accuracy"] is None
-    summary = module.summarize(
-        [row, {**row, "accuracy": 1.0, "pass@k": {"1": 1.0, "2": 1.0, "4": 1.0}}, unscored], [1, 2, 4], 4
-    )
-    assert summary == {
-        "num_problems": 3,
-        "num_unscored": 1,
-        "avg@4": 0.75,
-        "pass@k": {"1": 0.75, "2": pytest.approx((5 / 6 + 1) / 2), "4": 1.0},
-    }
-
-
 def test_eval_arguments_errors_name_the_field():
     module = _eval_script()
     with pytest.raises(ValueError, match=r"k: \[64\] not allowed; each k must be in \[1, num_samples=32\]"):
@@ -284,7 +253,7 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
         k=[1, 2, 4],
         max_new_tokens=8,
         backend="transformers",
-        batch_size=3,  # 3 + 1: the last batch of a problem is smaller
+        batch_size=5,  # 12 rows (3 problems x 4 samples) in batches of 5, 5 and 2: batches straddle problems
         output_dir=str(tmp_path / "eval"),
     )
     summary = module.main(args)[str(aime)]
@@ -297,6 +266,28 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
     assert summary["backend"] == "transformers" and summary["num_problems"] == 3
     assert summary["avg@4"] == pytest.approx(sum(r["accuracy"] for r in rows) / 3)
     assert json.load(open(tmp_path / "eval" / "aime_2024_summary.json"))["avg@4"] == summary["avg@4"]
+
+
+def test_eval_aime_on_the_bundled_task_uses_its_test_split_and_prompt(tmp_path, tiny_model_dir):
+    from trl_forking.task import read_split
+
+    args = _eval_script().EvalArguments(
+        model_name_or_path=tiny_model_dir,
+        datasets=["arithmetic-chains"],
+        num_samples=2,
+        k=[1, 2],
+        max_new_tokens=4,
+        backend="transformers",
+        limit=3,
+        output_dir=str(tmp_path / "eval"),
+    )
+    summary = _eval_script().main(args)["arithmetic-chains"]
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "arithmetic-chains.jsonl")]
+    test = read_split("test")[:3]
+    assert [(r["id"], r["problem"], r["answer"]) for r in rows] == [
+        (t["id"], t["problem"], t["solution"]) for t in test
+    ]
+    assert summary["num_problems"] == 3 and set(summary) >= {"avg@2", "stderr", "pass@k"}
 
 
 # --- recipes/slurm/grpo_forking.slurm ------------------------------------------------------------------------------
