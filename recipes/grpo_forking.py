@@ -4,9 +4,10 @@
         --config recipes/qwen3-8b/forking_dapo.yaml [--any_field value ...]
 
 Flags after ``--config`` override the YAML. With no arguments at all (``python recipes/grpo_forking.py`` or
-``accelerate launch recipes/grpo_forking.py``) it runs the CPU demo of ``recipes/demo.yaml``: a tiny GPT-2 built
-locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in under a minute on two
-cores. No model or dataset given means the tiny model and the bundled set; nothing is downloaded for them.
+``accelerate launch recipes/grpo_forking.py``) it runs the CPU demo of ``recipes/demo.yaml``: a tiny Qwen3 built
+locally and warm-started on the bundled arithmetic-chains task (``trl_forking.base_model``, cached after the first
+run), GRPO on the exact-answer reward with forking-token selection, and the test split's accuracy before and after
+training. No model or dataset given means that base model and the bundled task; nothing is downloaded for them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, build_tiny_model
+from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
+from trl_forking.base_model import build_base_model
 from trl_forking.data import load_train_dataset
+from trl_forking.evaluation import evaluate, format_evaluation
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
+from trl_forking.task import TASK_NAME, load_task
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
@@ -29,7 +33,8 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yam
 class ForkingScriptArguments(ScriptArguments):
     """TRL's script arguments (``dataset_name``, ``dataset_config``, splits) plus rewards and data options.
 
-    ``dataset_name`` None trains on the bundled arithmetic set; otherwise a DAPO-Math-17k layout (Hub name or file).
+    ``dataset_name`` None trains on the bundled task's train split; otherwise a DAPO-Math-17k layout (Hub name or
+    file).
     """
 
     reward_funcs: list[str] = field(
@@ -46,6 +51,14 @@ class ForkingScriptArguments(ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N prompts only (smoke tests). None: all."}
     )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={
+            "help": f"Print the accuracy on the {TASK_NAME} test split before and after training: avg@n over this "
+            "many completions per problem, sampled like the rollouts (temperature, top_p, max_completion_length). "
+            "0 skips it."
+        },
+    )
 
 
 def make_parser() -> TrlParser:
@@ -61,12 +74,39 @@ def make_parser() -> TrlParser:
     return parser
 
 
+def task_accuracy(model_name_or_path: str, training_args: ForkingGRPOConfig, num_samples: int) -> dict:
+    """Returns ``trl_forking.evaluation.evaluate`` of a saved model on the bundled task's test split, sampled with
+    the rollouts' temperature, top_p and max_completion_length and the run's seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate(
+        model,
+        tokenizer,
+        load_task("test"),
+        num_samples=num_samples,
+        max_new_tokens=training_args.max_completion_length,
+        temperature=training_args.temperature,
+        top_p=training_args.top_p,
+        seed=training_args.seed,
+    )
+
+
 def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig) -> str:
     """Returns the output directory after training, saving the model, tokenizer and logged metrics there."""
+    evaluate_task = script_args.eval_num_samples > 0
+    if evaluate_task and script_args.dataset_name not in (None, TASK_NAME):
+        raise ValueError(
+            f"eval_num_samples: {script_args.eval_num_samples} evaluates on the {TASK_NAME} test split, but "
+            f"dataset_name is {script_args.dataset_name!r}; allowed: 0 (no evaluation) or training on the bundled "
+            "task (dataset_name unset). Evaluate other models with recipes/eval_aime.py."
+        )
     model = model_args.model_name_or_path
     if model is None:
-        with training_args.main_process_first(desc="building the tiny demo model"):
-            model = build_tiny_model()
+        with training_args.main_process_first(desc="building the demo's base model"):
+            model = build_base_model()
         if not torch.cuda.is_available():
             # 64-wide matrices gain nothing from intra-op threads, and on a shared CPU those threads contend: one
             # thread ran the demo in 1 minute where the default took 6 with other jobs on the machine.
@@ -86,6 +126,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
+    before = None
+    if evaluate_task and training_args.process_index == 0:
+        before = task_accuracy(model, training_args, script_args.eval_num_samples)
 
     trainer = ForkingGRPOTrainer(
         model=model,
@@ -107,6 +150,13 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     }
     for name in sorted(last):
         trainer.accelerator.print(f"  {name:40s} {last[name]:.4g}")
+    if before is not None:
+        after = task_accuracy(output_dir, training_args, script_args.eval_num_samples)
+        trainer.accelerator.print(f"Accuracy on the {TASK_NAME} test split (temperature {training_args.temperature}):")
+        trainer.accelerator.print(f"  before training: {format_evaluation(before)}")
+        trainer.accelerator.print(f"  after training:  {format_evaluation(after)}")
+        key = f"avg@{script_args.eval_num_samples}"
+        trainer.accelerator.print(f"  change: {100 * (after[key] - before[key]):+.1f} points")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     # Every rank reaches this point before any destroys the process group: on CPU, gloo aborted a rank that tore
