@@ -56,7 +56,7 @@ class ForkingScriptArguments(ScriptArguments):
         metadata={
             "help": f"Print the accuracy on the {TASK_NAME} test split before and after training: avg@n over this "
             "many completions per problem, sampled like the rollouts (temperature, top_p, max_completion_length). "
-            "0 skips it."
+            "0 skips it; so does a run on more than one process."
         },
     )
 
@@ -103,6 +103,15 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             f"dataset_name is {script_args.dataset_name!r}; allowed: 0 (no evaluation) or training on the bundled "
             "task (dataset_name unset). Evaluate other models with recipes/eval_aime.py."
         )
+    if evaluate_task and training_args.world_size > 1:
+        # Each rank would load its own copy for generation, and under ZeRO-3 from_pretrained only loads a shard.
+        if training_args.process_index == 0:
+            print(
+                f"eval_num_samples: the before/after evaluation runs in single-process runs only, skipped on "
+                f"{training_args.world_size} processes; evaluate the saved model with recipes/eval_aime.py "
+                f"--datasets {TASK_NAME}."
+            )
+        evaluate_task = False
     model = model_args.model_name_or_path
     if model is None:
         with training_args.main_process_first(desc="building the demo's base model"):
@@ -126,9 +135,7 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
-    before = None
-    if evaluate_task and training_args.process_index == 0:
-        before = task_accuracy(model, training_args, script_args.eval_num_samples)
+    before = task_accuracy(model, training_args, script_args.eval_num_samples) if evaluate_task else None
 
     trainer = ForkingGRPOTrainer(
         model=model,
