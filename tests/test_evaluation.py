@@ -162,6 +162,12 @@ def test_prompts_are_tokenized_as_grpo_trainer_does_and_training_mode_is_restore
     )
     trl_ids, _, _ = GRPOTrainer._tokenize_prompts(grpo, prompts)
     assert model.seen_prompts == [list(ids) for ids in trl_ids for _ in range(2)]
+    # Standard (string) prompts are tokenized as they are, without the chat template, as GRPOTrainer does.
+    texts = [p[0]["content"] for p in prompts]
+    model.seen_prompts.clear()
+    generate_completions(model, tokenizer, texts, num_samples=1)
+    trl_ids, _, _ = GRPOTrainer._tokenize_prompts(grpo, texts)
+    assert model.seen_prompts == [list(ids) for ids in trl_ids]
 
 
 def test_evaluate_runs_a_real_model_and_bad_arguments_name_the_field(tiny_model_dir):

@@ -113,8 +113,15 @@ class BaseModelRecipe:
             )
 
     def short_hash(self) -> str:
-        """Returns 10 hex digits of the SHA-256 of the recipe (and the build code's version)."""
-        payload = json.dumps({"build_version": BUILD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """Returns 10 hex digits of the SHA-256 of the recipe, the build code's version and the train split's bytes
+        (so that regenerated task files give a new model, not a stale cached one)."""
+        from .task import split_path
+
+        with open(split_path("train"), "rb") as f:
+            data = hashlib.sha256(f.read()).hexdigest()
+        payload = json.dumps(
+            {"build_version": BUILD_VERSION, "train_data": data, **dataclasses.asdict(self)}, sort_keys=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 

@@ -107,7 +107,7 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
 def generate_completions(
     model,
     tokenizer,
-    prompts: list[list[dict]],
+    prompts: list,
     num_samples: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -118,15 +118,16 @@ def generate_completions(
 ) -> list[list[str]]:
     """Returns ``num_samples`` completion texts per prompt (a ``len(prompts)`` list of ``num_samples`` lists).
 
-    Each conversational prompt is rendered by ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``,
-    left-padded with the pad token, and sampled with GRPOTrainer's settings (``do_sample``, ``temperature``,
-    ``top_p``, no top-k); a completion ends at its first EOS and is decoded without special tokens. Rows (prompt
-    repeated ``num_samples`` times) go ``batch_size`` at a time through ``model.generate``.
+    Each conversational prompt is rendered by ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` (a
+    list of plain strings is tokenized as is, as GRPOTrainer does for standard prompts), left-padded with the pad
+    token, and sampled with GRPOTrainer's settings (``do_sample``, ``temperature``, ``top_p``, no top-k); a
+    completion ends at its first EOS and is decoded without special tokens. Rows (prompt repeated ``num_samples``
+    times) go ``batch_size`` at a time through ``model.generate``.
 
     Args:
         model: a causal LM in memory (its training mode is restored afterwards).
         tokenizer: its tokenizer, with a chat template and a pad token (EOS when it has none).
-        prompts: conversations, each a list of ``{"role", "content"}`` messages.
+        prompts: conversations, each a list of ``{"role", "content"}`` messages, or plain strings.
         num_samples: completions per prompt, n of avg@n.
         max_new_tokens: cap on completion length.
         temperature, top_p: sampling parameters (temperature > 0).
@@ -161,9 +162,12 @@ def generate_completions(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
     )
-    encoded = tokenizer.apply_chat_template(
-        conversation=list(prompts), add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
+    if all(isinstance(p, str) for p in prompts):  # standard prompts: tokenized as they are, as GRPOTrainer does
+        encoded = tokenizer(text=list(prompts))["input_ids"]
+    else:
+        encoded = tokenizer.apply_chat_template(
+            conversation=list(prompts), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
     rows = [ids for ids in encoded for _ in range(num_samples)]  # prompt i's samples are rows i*n ... i*n + n - 1
     device = next(model.parameters()).device
     was_training = model.training
