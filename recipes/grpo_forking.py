@@ -3,10 +3,11 @@
     accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_forking.py \\
         --config recipes/qwen3-8b/forking_dapo.yaml [--any_field value ...]
 
-Flags after ``--config`` override the YAML. Without ``--config`` the recipe is ``recipes/demo.yaml``, the CPU demo: a
-tiny GPT-2 built locally, the bundled arithmetic set, the math-verify reward, forking-token selection, in under a
-minute on two cores; flags then modify the demo (``--max_steps 10``), and the first line says so. No model or dataset
-given means the tiny model and the bundled set; nothing is downloaded for them.
+Flags after ``--config`` override the YAML. Without ``--config`` the recipe is ``recipes/demo.yaml``, the CPU demo:
+a tiny Qwen3 built locally and warm-started on the bundled arithmetic-chains task (``trl_forking.base_model``, cached
+after the first run), GRPO on the exact-answer reward with forking-token selection, and the test split's accuracy
+before and after training; flags then modify the demo (``--max_steps 10``), and the first line says so. No model or
+dataset given means that base model and the bundled task; nothing is downloaded for them.
 
 ``--resume_from_checkpoint true`` (or ``last``, or a ``checkpoint-N`` folder) resumes; a fresh run refuses an
 ``output_dir`` that holds checkpoints (``--overwrite_output_dir true`` deletes them) and says when it overwrites a
@@ -22,13 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, build_tiny_model
+from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
+from trl_forking.base_model import build_base_model
 from trl_forking.console import quiet_known_noise, use_compact_log
 from trl_forking.data import load_train_dataset
 from trl_forking.launch import check_launch, check_world_size, cpu_defaults
 from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
 from trl_forking.run_dir import check_output_dir, resolve_resume
+from trl_forking.task import TASK_NAME, load_task
 from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
@@ -38,7 +41,8 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yam
 class ForkingScriptArguments(ScriptArguments):
     """TRL's script arguments (``dataset_name``, ``dataset_config``, splits) plus rewards and data options.
 
-    ``dataset_name`` None trains on the bundled arithmetic set; otherwise a DAPO-Math-17k layout (Hub name or file).
+    ``dataset_name`` None trains on the bundled task's train split; otherwise a DAPO-Math-17k layout (Hub name or
+    file).
     """
 
     reward_funcs: list[str] = field(
@@ -62,6 +66,14 @@ class ForkingScriptArguments(ScriptArguments):
             "Without it such a run stops and asks (resume with --resume_from_checkpoint true)."
         },
     )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={
+            "help": f"Print the accuracy on the {TASK_NAME} test split before and after training: avg@n over this "
+            "many completions per problem, sampled like the rollouts (temperature, top_p, max_completion_length). "
+            "0 skips it; so does a run on more than one process."
+        },
+    )
 
 
 def make_parser() -> RecipeParser:
@@ -82,6 +94,14 @@ def check_inputs(
         check_model(model_args.model_name_or_path, revision=model_args.model_revision)
     if script_args.dataset_name is not None:
         check_data_source(script_args.dataset_name, "dataset_name")
+    if script_args.eval_num_samples < 0:
+        raise UsageError(f"eval_num_samples: {script_args.eval_num_samples} must be >= 0 (0 skips the evaluation)")
+    if script_args.eval_num_samples > 0 and script_args.dataset_name not in (None, TASK_NAME):
+        raise UsageError(
+            f"eval_num_samples: {script_args.eval_num_samples} evaluates on the {TASK_NAME} test split, but "
+            f"dataset_name is {script_args.dataset_name!r}; allowed: 0 (no evaluation) or training on the bundled "
+            "task (dataset_name unset). Evaluate other models with recipes/eval_aime.py."
+        )
     if script_args.max_train_samples is not None and script_args.max_train_samples < 1:
         raise UsageError(f"max_train_samples: {script_args.max_train_samples} must be >= 1 (or unset for all)")
     with input_errors(None, ValueError):  # its messages name reward_funcs / overlong_buffer
@@ -98,12 +118,44 @@ def check_inputs(
         print(notice)
 
 
+def task_accuracy(model_name_or_path: str, training_args: ForkingGRPOConfig, num_samples: int) -> dict:
+    """Returns ``trl_forking.evaluation.evaluate`` of a saved model on the bundled task's test split, sampled with
+    the rollouts' temperature, top_p and max_completion_length and the run's seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_forking.evaluation import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate(
+        model,
+        tokenizer,
+        load_task("test"),
+        num_samples=num_samples,
+        max_new_tokens=training_args.max_completion_length,
+        temperature=training_args.temperature,
+        top_p=training_args.top_p,
+        seed=training_args.seed,
+    )
+
+
 def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig) -> str:
     """Returns the output directory after training, saving the model, tokenizer and logged metrics there."""
+    evaluate_task = script_args.eval_num_samples > 0
+    if evaluate_task and training_args.world_size > 1:
+        # Each rank would load its own copy for generation, and under ZeRO-3 from_pretrained only loads a shard.
+        if training_args.process_index == 0:
+            print(
+                f"eval_num_samples: the before/after evaluation runs in single-process runs only, skipped on "
+                f"{training_args.world_size} processes; evaluate the saved model with recipes/eval_aime.py "
+                f"--datasets {TASK_NAME}."
+            )
+        evaluate_task = False
     model = model_args.model_name_or_path
     if model is None:
-        with training_args.main_process_first(desc="building the tiny demo model"):
-            model = build_tiny_model()
+        with training_args.main_process_first(desc="building the demo's base model"):
+            model = build_base_model()
         if not torch.cuda.is_available():
             # 64-wide matrices gain nothing from intra-op threads, and on a shared CPU those threads contend: one
             # thread ran the demo in 1 minute where the default took 6 with other jobs on the machine.
@@ -126,6 +178,7 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
+    before = task_accuracy(model, training_args, script_args.eval_num_samples) if evaluate_task else None
 
     # TRL refusing a combination of options, or vLLM missing; deep enough that the message says how to see where.
     with input_errors(None, ValueError, ImportError, traceback_hint=True):
@@ -150,6 +203,15 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     }
     for name in sorted(last):
         trainer.accelerator.print(f"  {name:40s} {last[name]:.4g}")
+    if before is not None:
+        from trl_forking.evaluation import format_evaluation
+
+        after = task_accuracy(output_dir, training_args, script_args.eval_num_samples)
+        trainer.accelerator.print(f"Accuracy on the {TASK_NAME} test split (temperature {training_args.temperature}):")
+        trainer.accelerator.print(f"  before training: {format_evaluation(before)}")
+        trainer.accelerator.print(f"  after training:  {format_evaluation(after)}")
+        key = f"avg@{script_args.eval_num_samples}"
+        trainer.accelerator.print(f"  change: {100 * (after[key] - before[key]):+.1f} points")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     # Every rank reaches this point before any destroys the process group: on CPU, gloo aborted a rank that tore

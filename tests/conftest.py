@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny GPT-2 built locally (never downloaded) and a small prompt dataset."""
+"""Shared fixtures: a tiny GPT-2 built locally (never downloaded), a small prompt dataset, and (slow tests only) the
+demo's default base model, built once per session."""
 
 import os
 
@@ -34,3 +35,25 @@ def prompt_dataset():
     from datasets import Dataset
 
     return Dataset.from_dict({"prompt": [f"What is {a} + {a + 3}? Answer:" for a in range(16)]})
+
+
+@pytest.fixture(scope="session")
+def default_base_cache(tmp_path_factory):
+    """An ``XDG_CACHE_HOME`` whose ``trl-forking/`` holds the default base model, built once per session.
+
+    The one fixture that builds the real recipe (about a minute on 2 cores, up to 3 on a busy machine): only tests
+    marked ``slow`` may use it. A subprocess given this ``XDG_CACHE_HOME`` finds the model cached.
+    """
+    from trl_forking.base_model import build_base_model
+
+    root = tmp_path_factory.mktemp("xdg-cache")
+    build_base_model(cache_dir=os.path.join(str(root), "trl-forking"), progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def default_base_model(default_base_cache):
+    """Path of the default base model inside ``default_base_cache``."""
+    from trl_forking.base_model import base_model_dir
+
+    return base_model_dir(cache_dir=os.path.join(default_base_cache, "trl-forking"))

@@ -7,10 +7,7 @@ from datasets import Dataset
 
 from trl_forking import data
 from trl_forking.data import (
-    ARITHMETIC_PATH,
     DAPO_PROMPT_TEMPLATE,
-    arithmetic_problems,
-    load_arithmetic,
     load_dapo_math,
     load_math_eval,
     load_train_dataset,
@@ -146,17 +143,27 @@ def test_eval_file_without_answer_column_is_refused(tmp_path):
         load_math_eval(str(path))
 
 
-def test_bundled_arithmetic_file_is_the_generator_output_and_answers_are_right():
-    shipped = [json.loads(line) for line in open(ARITHMETIC_PATH)]
-    assert shipped == arithmetic_problems()  # regenerating gives the shipped file
-    assert len(shipped) == 400
-    for row in shipped:
-        expression = row["problem"].removeprefix("What is ").removesuffix("?")
-        assert str(eval(expression)) == row["answer"]  # single-digit operands, + - * only
+def test_no_dataset_means_the_bundled_tasks_train_split():
+    from trl_forking.task import read_split
+
+    shipped = read_split("train")
     dataset = load_train_dataset(None)
-    assert dataset.column_names == ["prompt", "solution"]
-    assert dataset[0] == {
-        "prompt": [{"role": "user", "content": shipped[0]["problem"]}],
-        "solution": shipped[0]["answer"],
+    assert dataset.column_names == ["prompt", "solution"] and len(dataset) == len(shipped)
+    assert dataset[0] == {"prompt": shipped[0]["prompt"], "solution": shipped[0]["solution"]}
+    assert load_train_dataset("arithmetic-chains").to_list() == dataset.to_list()
+
+
+def test_the_bundled_task_is_an_eval_set_with_its_own_prompt():
+    from trl_forking.task import read_split
+
+    test = load_math_eval("arithmetic-chains")
+    shipped = read_split("test")
+    assert len(test) == len(shipped)
+    assert test[0] == {
+        "id": shipped[0]["id"],
+        "problem": shipped[0]["problem"],
+        "answer": shipped[0]["solution"],
+        "prompt": shipped[0]["prompt"],  # the task's prompt, not DAPO's instruction
+        "solution": shipped[0]["solution"],
     }
-    assert load_arithmetic().to_list() == dataset.to_list()
+    assert load_math_eval("arithmetic-chains", split="validation")[0]["id"] == "validation-00000"

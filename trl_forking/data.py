@@ -1,31 +1,27 @@
-"""Math datasets in GRPO form: DAPO-Math-17k for training, AIME 2024 / 2025 for evaluation, and a bundled toy set.
+"""Math datasets in GRPO form: DAPO-Math-17k for training, AIME 2024 / 2025 for evaluation, and the bundled task.
 
 Every loader returns a ``datasets.Dataset`` with a conversational ``prompt`` (one user message) and a ``solution``
 string, the columns ``trl_forking.rewards`` and TRL's ``GRPOTrainer`` read; evaluation sets also keep ``problem``,
 ``answer`` and ``id``. A source is a Hub name (``BytedTsinghua-SIA/DAPO-Math-17k``) or a local file or folder with the
-same columns (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, a saved dataset), so that everything runs offline.
+same columns (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, a saved dataset), so that everything runs offline. The
+bundled task (``trl_forking.task``, ``arithmetic-chains``) is the default training set and an evaluation set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 from dataclasses import dataclass
 
 __all__ = [
-    "ARITHMETIC_PATH",
     "DAPO_PROMPT_TEMPLATE",
     "EVAL_SETS",
-    "arithmetic_problems",
-    "load_arithmetic",
     "load_dapo_math",
     "load_math_eval",
     "load_train_dataset",
     "to_dapo_format",
 ]
 
-ARITHMETIC_PATH = os.path.join(os.path.dirname(__file__), "data", "arithmetic.jsonl")
 # DAPO-Math-17k's own instruction (its prompts carry it already); used to pose the evaluation problems the same way.
 DAPO_PROMPT_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
@@ -146,10 +142,18 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
 
     ``name_or_path`` is a key of ``EVAL_SETS`` (``aime24``, ``aime25``, ``aime25-opencompass``), one of their Hub
     names, or a local file / folder with ``problem`` (or ``question``) and ``answer`` columns. The prompt is the
-    problem in DAPO's instruction, so evaluation asks for answers the way training did.
+    problem in DAPO's instruction, so evaluation asks for answers the way training did. ``"arithmetic-chains"`` is
+    the bundled task's ``test`` split (or ``split``), posed with the task's own prompt, the one training uses.
     """
     from datasets import Features, Value, concatenate_datasets
 
+    from .task import TASK_NAME, load_task
+
+    if name_or_path == TASK_NAME:
+        task = load_task(split or "test")
+        return task.map(lambda row: {"answer": row["solution"]}).select_columns(
+            ["id", "problem", "answer", "prompt", "solution"]
+        )
     spec = EVAL_SETS.get(name_or_path) or _EVAL_BY_HUB_NAME.get(name_or_path)
     if spec is not None:
         configs = (config,) if config is not None else spec.configs
@@ -158,7 +162,8 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
         dataset = _load(name_or_path, config, split or "train")
     else:
         raise ValueError(
-            f"eval dataset {name_or_path!r} is neither a local path nor a known set; allowed: {sorted(EVAL_SETS)}, "
+            f"eval dataset {name_or_path!r} is neither a local path nor a known set; allowed: "
+            f"{sorted([*EVAL_SETS, TASK_NAME])}, "
             f"{sorted(_EVAL_BY_HUB_NAME)} or a local .jsonl/.json/.parquet/.csv file."
         )
     columns = set(dataset.column_names)
@@ -188,34 +193,11 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, features=features)
 
 
-def arithmetic_problems(num_problems: int = 400, seed: int = 0) -> list[dict[str, str]]:
-    """Returns ``num_problems`` one-step integer problems (``problem`` / ``answer``), the bundled demo set.
-
-    Operands are single digits, so answers are small integers a tiny model sometimes hits: rewards then differ
-    inside a group of completions and GRPO's advantages are not all zero.
-    """
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(num_problems):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        op, result = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
-        rows.append({"problem": f"What is {a} {op} {b}?", "answer": str(result)})
-    return rows
-
-
-def load_arithmetic(path: str = ARITHMETIC_PATH):
-    """Returns the bundled arithmetic set as ``prompt`` / ``solution`` rows; the prompt is the bare question."""
-    from datasets import load_dataset
-
-    dataset = load_dataset("json", data_files=path, split="train")
-    # The bare question, not DAPO's instruction: the tiny demo model has 512 positions and no instruction tuning.
-    return dataset.map(
-        lambda row: {"prompt": _user(row["problem"]), "solution": row["answer"]}, remove_columns=dataset.column_names
-    )
-
-
 def load_train_dataset(name_or_path: str | None, config: str | None = None, split: str = "train"):
-    """Returns the training set a recipe names: the bundled arithmetic set when None, else DAPO-Math layouts."""
-    if name_or_path is None:
-        return load_arithmetic()
+    """Returns the training set a recipe names: the bundled task's train split (``prompt`` / ``solution``) when None
+    or ``"arithmetic-chains"``, else a DAPO-Math layout (Hub name or local file)."""
+    from .task import TASK_NAME, load_task
+
+    if name_or_path is None or name_or_path == TASK_NAME:
+        return load_task(split).select_columns(["prompt", "solution"])
     return load_dapo_math(name_or_path, config, split)

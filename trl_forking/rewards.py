@@ -178,9 +178,9 @@ def numeric_closeness_reward(completions: list, solution: list[str], **kwargs) -
     """Returns ``1 / (1 + |predicted - gold|)`` per completion: partial credit for numeric answers (a shaping reward).
 
     The prediction is the final answer (``\\boxed{}`` / ``Answer:``) or else the last number in the completion; 0.0
-    when there is none, None when the gold answer is not a plain number. Meant for the CPU demo, where a random tiny
-    model almost never states an exact answer and an exact-match reward alone would leave every group's advantages at
-    zero; real recipes train on ``dapo_accuracy`` only.
+    when there is none, None when the gold answer is not a plain number. Meant for models that almost never state an
+    exact answer (the random tiny GPT-2 of the tests), where an exact-match reward alone would leave every group's
+    advantages at zero; the demo and the real recipes train on the exact answer only.
     """
     rewards = []
     for completion, gold in zip(completions, solution, strict=True):
