@@ -178,7 +178,6 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
-    before = task_accuracy(model, training_args, script_args.eval_num_samples) if evaluate_task else None
 
     # TRL refusing a combination of options, or vLLM missing; deep enough that the message says how to see where.
     with input_errors(None, ValueError, ImportError, traceback_hint=True):
@@ -190,6 +189,8 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             peft_config=get_peft_config(model_args),
         )
     use_compact_log(trainer)
+    # After the trainer is built, so that options TRL refuses fail in seconds, not after an evaluation.
+    before = task_accuracy(model, training_args, script_args.eval_num_samples) if evaluate_task else None
     state = trainer.accelerator.state
     zero = f" ZeRO-{state.deepspeed_plugin.zero_stage}" if state.deepspeed_plugin else ""
     trainer.accelerator.print(f"Training on {state.num_processes} process(es): {state.distributed_type}{zero}")

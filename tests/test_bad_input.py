@@ -71,11 +71,11 @@ CASES = {
         ("launch", "--cpu", "drop --cpu"),
         {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
     ),
-    # A combination TRL refuses only when it builds the trainer: 1 weight for the demo's 2 reward functions.
+    # A combination TRL refuses only when it builds the trainer: 2 weights for the demo's 1 reward function.
     "combination_refused_by_trl": Case(
         TRAIN,
-        ("--model_name_or_path", "{tiny}", "--reward_weights", "1.0", "--output_dir", "{tmp}/out"),
-        ("reward weights (1)", "reward functions (2)"),
+        ("--model_name_or_path", "{tiny}", "--reward_weights", "1.0", "2.0", "--output_dir", "{tmp}/out"),
+        ("reward weights (2)", "reward functions (1)"),
     ),
     "eval_model_folder_missing": Case(
         EVAL, ("--model_name_or_path", "/no/such/model"), ("model_name_or_path", "'/no/such/model'")

@@ -4,7 +4,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from trl_forking.console import CompactPrinterCallback, CompactProgressCallback, format_log, use_compact_log
 
-# One logging step of the demo as GRPOTrainer reports it (abridged: 35 keys in all).
+# One logging step as GRPOTrainer reports it with two reward functions (abridged: 35 keys in all).
 LOGS = {
     "loss": 0.07142,
     "grad_norm": 1.231,

@@ -1,6 +1,7 @@
 """trl_forking.evaluation: pass@k against a naive reference, and evaluate() on a model whose answers we script."""
 
 import itertools
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -187,3 +188,59 @@ def test_evaluate_runs_a_real_model_and_bad_arguments_name_the_field(tiny_model_
         generate_completions(model, tokenizer, [problems[0]["prompt"]], temperature=0)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['solution'\]"):
         evaluate(model, tokenizer, [{"prompt": problems[0]["prompt"]}])
+
+
+# --- HeldOutEvaluationCallback: the evaluation a study records during training -----------------------------------
+
+
+def _callback_run(callback, model, tokenizer, tmp_path, steps, process_index=0):
+    """Drives ``callback`` through ``steps`` optimizer steps as the Trainer does; returns the records it wrote."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trl_forking.study import EVAL_FILE
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    state = TrainerState(is_world_process_zero=process_index == 0)
+    control = TrainerControl()
+    kwargs = {"model": model, "processing_class": tokenizer}
+    callback.on_train_begin(args, state, control, **kwargs)
+    for step in range(1, steps + 1):
+        state.global_step = step
+        callback.on_step_end(args, state, control, **kwargs)
+    callback.on_train_end(args, state, control, **kwargs)
+    path = tmp_path / EVAL_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_held_out_evaluation_records_the_start_every_nth_step_and_the_end(scripted, tmp_path):
+    from trl_forking.callbacks import HeldOutEvaluationCallback
+
+    model, tokenizer, problems = scripted
+    problems = problems * 4  # the coin-flip problem four times: the records then depend on the random stream
+    seen = []
+    callback = HeldOutEvaluationCallback(problems, every_n_steps=2, num_samples=4, seed=7, on_result=seen.append)
+    records = _callback_run(callback, model, tokenizer, tmp_path, steps=5)
+    assert [r["step"] for r in records] == [0, 2, 4, 5] and seen == records  # the end (5) once, step 4 not twice
+    expected = evaluate(model, tokenizer, problems, num_samples=4, seed=7)
+    for record in records:  # a fixed seed: every evaluation draws the same samples of the (unchanged) model
+        assert record["accuracy"] == pytest.approx(expected["avg@4"])
+        assert record["stderr"] == pytest.approx(expected["stderr"])
+        assert record["pass@k"] == pytest.approx(expected["pass@k"])
+        assert (record["num_problems"], record["num_samples"]) == (20, 4)
+    assert model.training  # put back in training mode after each evaluation
+
+
+def test_held_out_evaluation_takes_a_given_start_and_only_the_main_process_writes(scripted, tmp_path):
+    from trl_forking.callbacks import HeldOutEvaluationCallback
+
+    model, tokenizer, problems = scripted
+    initial = {"accuracy": 0.123, "stderr": 0.01, "pass@k": {"1": 0.123}, "num_problems": 5, "num_samples": 4}
+    callback = HeldOutEvaluationCallback(problems, every_n_steps=0, initial=initial)
+    calls = model.eval_calls
+    first, last = _callback_run(callback, model, tokenizer, tmp_path / "main", steps=3)
+    assert first == {"step": 0, **initial} and last["step"] == 3
+    assert model.eval_calls == calls + 1  # the given start was not evaluated again, the end was
+    other = HeldOutEvaluationCallback(problems, every_n_steps=1)
+    assert _callback_run(other, model, tokenizer, tmp_path / "rank1", steps=2, process_index=1) == []
+    with pytest.raises(ValueError, match="every_n_steps must be >= 0, got -1"):
+        HeldOutEvaluationCallback(problems, every_n_steps=-1)

@@ -83,9 +83,12 @@ def test_demo_recipe_parses_into_a_cpu_run():
 
 
 def test_evaluating_a_dataset_other_than_the_bundled_task_is_refused():
-    script_args, args, model_args = _parse("--config", DEMO, "--dataset_name", "/data/dapo.parquet")
-    with pytest.raises(ValueError, match=r"eval_num_samples: 4 evaluates on the arithmetic-chains test split, but"):
-        _script().main(script_args, args, model_args)
+    parsed = _parse("--config", DEMO, "--dataset_name", "open-r1/DAPO-Math-17k-Processed")
+    with pytest.raises(UsageError, match=r"eval_num_samples: 4 evaluates on the arithmetic-chains test split, but"):
+        _script().check_inputs(*parsed)  # before anything loads
+    parsed = _parse("--config", DEMO, "--eval_num_samples", "-1")
+    with pytest.raises(UsageError, match=r"eval_num_samples: -1 must be >= 0 \(0 skips the evaluation\)"):
+        _script().check_inputs(*parsed)
 
 
 def test_command_line_flags_override_the_yaml():
@@ -97,8 +100,8 @@ def test_flags_without_config_modify_the_demo_instead_of_replacing_it():
     script_args, args, model_args = _parse("--max_steps", "1", default_config=DEMO)
     assert args.max_steps == 1
     # The rest is the demo's, not the dataclass defaults (dapo_accuracy, 256-token completions, bf16 ...).
-    assert script_args.reward_funcs == ["math_accuracy", "numeric_closeness"]
-    assert (args.max_completion_length, args.learning_rate, args.output_dir) == (24, 2e-3, "outputs/forking-demo")
+    assert script_args.reward_funcs == ["math_accuracy"] and script_args.eval_num_samples == 4
+    assert (args.max_completion_length, args.learning_rate, args.output_dir) == (48, 1e-4, "outputs/forking-demo")
 
 
 def test_a_misspelt_key_fails_and_suggests_the_field(tmp_path):

@@ -288,10 +288,15 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # else torch warns once per build
         disable_tqdm=not progress,
     )
     dataset = _sft_dataset(rows, recipe.digit_noise, recipe.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if progress:
+        from .console import use_compact_log
+
+        use_compact_log(trainer)  # one short line per log under the progress bar, not transformers' dicts
     sft_started = time.time()
     trainer.train()
     sft_seconds = time.time() - sft_started
@@ -340,6 +345,13 @@ def build_base_model(
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.building-")
+    started = time.time()
+    if progress:
+        print(
+            f"Building the base model {os.path.basename(target)} ({recipe.sft_steps} SFT steps on {recipe.task}; "
+            f"about a minute on 2 CPU cores, once: cached in {parent})",
+            flush=True,
+        )
     threads = torch.get_num_threads()
     # One thread by default: on 2 shared cores, two threads per process contend and the build ran 4x slower.
     torch.set_num_threads(recipe.num_threads)
@@ -358,6 +370,8 @@ def build_base_model(
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"Base model built in {time.time() - started:.0f} s: {target}", flush=True)
     return target
 
 

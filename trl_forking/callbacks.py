@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from .metrics import PERCENTILES as TRAINER_PERCENTILES
 from .selection import entropy_quantiles
 
-__all__ = ["STATS_FILE", "ForkingStatsCallback", "step_statistics"]
+__all__ = ["STATS_FILE", "ForkingStatsCallback", "HeldOutEvaluationCallback", "step_statistics"]
 
 STATS_FILE = "forking_stats.jsonl"
 BATCH_KEYS = ("completion_ids", "entropies", "mask", "selected")
@@ -249,3 +249,104 @@ class ForkingStatsCallback(TrainerCallback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class HeldOutEvaluationCallback(TrainerCallback):
+    """Evaluates the policy on held-out problems during training and appends each result to
+    ``output_dir/forking_eval.jsonl`` (the run format ``trl-forking compare`` reads, ``trl_forking.study``).
+
+    Evaluations happen when training begins (step 0, the starting model; the step of the checkpoint when resuming),
+    every ``every_n_steps`` optimizer steps, and when training ends. Each record is ``{"step", "accuracy" (avg@n),
+    "stderr", "pass@k", "num_problems", "num_samples"}`` from ``trl_forking.evaluation.evaluate``, sampled with a
+    fixed ``seed`` so that every run and every step draws from the same random stream (differences between arms are
+    then not sampling luck). The main process generates with its own copy of the model while the other ranks wait at
+    the next collective: one process or DDP. Sharded models (DeepSpeed ZeRO-3, FSDP) are refused when training
+    begins, as one rank cannot generate from shards alone; evaluate their saved checkpoints with
+    ``recipes/eval_aime.py``.
+
+    Args:
+        problems: rows with a conversational ``prompt`` and a gold ``solution``.
+        every_n_steps: evaluate every this many optimizer steps (0: only at the start and the end).
+        num_samples: n of avg@n; ``ks`` the k of pass@k (default ``[1, n]``).
+        max_new_tokens, temperature, top_p, seed, batch_size: sampling, as in ``evaluate``.
+        initial: a result to record for the first evaluation instead of computing it (the shared step-0 result of a
+            study whose runs all start from one model).
+        on_result: called with each record (e.g. to print progress).
+    """
+
+    def __init__(
+        self,
+        problems,
+        every_n_steps: int = 0,
+        num_samples: int = 4,
+        ks=None,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int | None = None,
+        initial: dict | None = None,
+        on_result=None,
+    ):
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.problems = problems
+        self.every_n_steps = every_n_steps
+        self.sampling = dict(
+            num_samples=num_samples, ks=ks, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed,
+        )  # fmt: skip
+        if batch_size is not None:
+            self.sampling["batch_size"] = batch_size
+        self.initial = initial
+        self.on_result = on_result
+        self.last_step = None
+
+    def evaluate(self, model, tokenizer) -> dict:
+        """Returns the study record of ``model`` on the held-out problems (no step)."""
+        from .evaluation import evaluate
+
+        result = evaluate(model, tokenizer, self.problems, **self.sampling)  # restores training mode and RNG
+        n = result["num_samples"]
+        return {
+            "accuracy": result[f"avg@{n}"],
+            "stderr": result["stderr"],
+            "pass@k": result["pass@k"],
+            "num_problems": result["num_problems"] - result["num_unscored"],
+            "num_samples": n,
+        }
+
+    def _record(self, args, state, model, tokenizer) -> None:
+        if self.last_step == state.global_step:
+            return
+        self.last_step = state.global_step
+        if not state.is_world_process_zero:
+            return
+        from .study import append_evaluation
+
+        if self.initial is not None:
+            result, self.initial = self.initial, None
+        else:
+            result = self.evaluate(model, tokenizer)
+        record = {"step": state.global_step, **result}
+        append_evaluation(args.output_dir, record)
+        if self.on_result is not None:
+            self.on_result(record)
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled() or args.fsdp:
+            raise ValueError(
+                "HeldOutEvaluationCallback: the model is sharded (DeepSpeed ZeRO-3 or FSDP), and the main process "
+                "cannot generate from its shard alone; allowed: one process, DDP or ZeRO-1/2. Evaluate the saved "
+                "checkpoints with recipes/eval_aime.py instead."
+            )
+        self._record(args, state, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._record(args, state, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._record(args, state, model, processing_class)
