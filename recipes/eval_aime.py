@@ -9,8 +9,9 @@ Samples ``num_samples`` completions per problem (vLLM when it is installed and a
 completions, verdicts, pass@k) and ``<name>_summary.json`` (avg@n with its standard error, pass@k). Datasets are
 ``EVAL_SETS`` keys, their Hub names, local files with ``problem`` (or ``question``) and ``answer`` columns, or
 ``arithmetic-chains``: the bundled task's test split, posed with the task's own prompt (AIME problems get DAPO's
-instruction). ``--config eval.yaml`` reads the same fields from YAML. It will not overwrite another model's results in
-``output_dir``. Bad input ends with one line on stderr and exit status 2.
+instruction). ``--run_dir RUN`` evaluates a training run of ``recipes/grpo_forking.py`` at its start, checkpoints and
+end for ``trl-forking compare`` (docs/ablation.md). ``--config eval.yaml`` reads the same fields from YAML. It will
+not overwrite another model's results in ``output_dir``. Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ BACKENDS = ("auto", "vllm", "transformers")
 class EvalArguments:
     """What to evaluate and how to sample; defaults are the paper's validation settings."""
 
-    model_name_or_path: str = field(metadata={"help": "Model to evaluate: Hub name or local folder."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to evaluate: Hub name or local folder (with --run_dir: the run's starting model)."},
+    )
     datasets: list[str] = field(
         default_factory=lambda: ["aime24", "aime25"],
         metadata={
@@ -55,8 +59,19 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N problems (smoke tests)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where the JSONL and summaries go."})
+    run_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A run of recipes/grpo_forking.py to evaluate for `trl-forking compare`: its starting model (step "
+            "0; --model_name_or_path, else the model its forking_run.json names), every checkpoint-N and its final "
+            "model, on the first of --datasets. Each result is appended to RUN_DIR/forking_eval.jsonl (steps already "
+            "there are skipped); per-step files go to RUN_DIR/eval/step-N."
+        },
+    )
 
     def __post_init__(self):
+        if self.model_name_or_path is None and self.run_dir is None:
+            raise ValueError("model_name_or_path: missing; give the model to evaluate (or --run_dir, a training run).")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not allowed; use one of {list(BACKENDS)}.")
         if self.num_samples < 1:
@@ -74,6 +89,9 @@ def result_stem(name: str) -> str:
 def check_inputs(args: EvalArguments) -> None:
     """Raises ``UsageError`` for a model, dataset or backend the run would fail on later, or for an ``output_dir``
     holding another model's results on the same datasets; prints a line for each of this model's it overwrites."""
+    if args.run_dir is not None:
+        check_run_dir(args)
+        return
     check_model(args.model_name_or_path)
     for name in args.datasets:
         check_data_source(name, "datasets")
@@ -97,6 +115,78 @@ def check_inputs(args: EvalArguments) -> None:
                 "choose another --output_dir"
             )
         print(f"output_dir {args.output_dir!r}: overwriting the earlier results of this model on {name!r}")
+
+
+def check_run_dir(args: EvalArguments) -> None:
+    """Raises ``UsageError`` for a ``run_dir`` that is not a run of recipes/grpo_forking.py or a starting model that
+    is not there; fills ``args.model_name_or_path`` from the run's ``forking_run.json`` when it is unset."""
+    from trl_forking.study import RUN_FILE
+
+    info_path = os.path.join(args.run_dir, RUN_FILE)
+    if not os.path.isfile(info_path):
+        raise UsageError(
+            f"run_dir: no {RUN_FILE} in {args.run_dir!r}; give the output_dir of a run of recipes/grpo_forking.py "
+            "(it writes that file when training starts)"
+        )
+    with open(info_path) as f, input_errors(f"run_dir: {info_path}"):
+        info = json.load(f)
+    if args.model_name_or_path is None:
+        args.model_name_or_path = info.get("model")
+        if args.model_name_or_path is None:
+            raise UsageError(f"run_dir: {info_path} names no starting model; give --model_name_or_path")
+    check_model(args.model_name_or_path)
+
+
+def run_points(args: EvalArguments) -> list[tuple[int, str]]:
+    """Returns the (step, model folder) pairs of a training run: the starting model at step 0, each ``checkpoint-N``
+    holding a model at step N, and the run's final model (a ``config.json`` in ``run_dir``) at the last step of its
+    ``trainer_state.json``."""
+    points = {0: args.model_name_or_path}
+    for name in os.listdir(args.run_dir):
+        folder = os.path.join(args.run_dir, name)
+        found = re.fullmatch(r"checkpoint-(\d+)", name)
+        if found and os.path.isfile(os.path.join(folder, "config.json")):
+            points[int(found.group(1))] = folder
+    state = os.path.join(args.run_dir, "trainer_state.json")
+    if os.path.isfile(os.path.join(args.run_dir, "config.json")) and os.path.isfile(state):
+        with open(state) as f:
+            points[int(json.load(f)["global_step"])] = args.run_dir
+    return sorted(points.items())
+
+
+def evaluate_run(args: EvalArguments) -> list[dict]:
+    """Returns the evaluation records appended to ``run_dir/forking_eval.jsonl``, one per step not yet there."""
+    from trl_forking.study import EVAL_FILE, append_evaluation
+
+    eval_path = os.path.join(args.run_dir, EVAL_FILE)
+    done = set()
+    if os.path.isfile(eval_path):
+        with open(eval_path) as f:
+            done = {json.loads(line)["step"] for line in f if line.strip()}
+    name, records = args.datasets[0], []
+    for step, folder in run_points(args):
+        if step in done:
+            print(f"step {step}: already in {eval_path}, skipped")
+            continue
+        point = EvalArguments(
+            **{**asdict(args), "model_name_or_path": folder, "datasets": [name], "run_dir": None},
+        )
+        point.output_dir = os.path.join(args.run_dir, "eval", f"step-{step}")
+        summary = main(point)[name]
+        n = args.num_samples
+        record = {
+            "step": step,
+            "accuracy": summary[f"avg@{n}"],
+            "stderr": summary["stderr"],
+            "pass@k": summary["pass@k"],
+            "num_problems": summary["num_problems"] - summary["num_unscored"],
+            "num_samples": n,
+            "dataset": name,
+            "model": folder,
+        }
+        append_evaluation(args.run_dir, record)
+        records.append(record)
+    return records
 
 
 def _use_vllm(backend: str) -> bool:
@@ -189,4 +279,7 @@ if __name__ == "__main__":
     with exit_on_usage_error(os.path.basename(__file__)):
         (eval_args,) = RecipeParser(EvalArguments).parse_recipe(sys.argv[1:])
         check_inputs(eval_args)
-        main(eval_args)
+        if eval_args.run_dir is not None:
+            evaluate_run(eval_args)
+        else:
+            main(eval_args)

@@ -189,6 +189,20 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             peft_config=get_peft_config(model_args),
         )
     use_compact_log(trainer)
+    if trainer.accelerator.is_main_process:  # the run's arm and seed, for `trl-forking compare` (trl_forking.study)
+        from trl_forking.study import write_run_info
+
+        selection = training_args.forking_selection
+        write_run_info(
+            training_args.output_dir,
+            selection,
+            1.0 if selection == "all" else training_args.top_entropy_quantile,
+            training_args.seed,
+            model=model,
+            loss_type=training_args.loss_type,
+            forking_scope=training_args.forking_scope,
+            max_steps=training_args.max_steps,
+        )
     # After the trainer is built, so that options TRL refuses fail in seconds, not after an evaluation.
     before = task_accuracy(model, training_args, script_args.eval_num_samples) if evaluate_task else None
     state = trainer.accelerator.state

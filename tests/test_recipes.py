@@ -187,6 +187,9 @@ def _check_trained(output_dir: str, initial_model_dir: str, stdout: str) -> list
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert model.generate(**tokenizer("What is 2 + 3?", return_tensors="pt"), max_new_tokens=4).shape[1] > 4
+    # The arm and seed, for `trl-forking compare` after `eval_aime.py --run_dir` (written by the main process).
+    info = json.load(open(os.path.join(output_dir, "forking_run.json")))
+    assert (info["selection"], info["rho"], info["model"]) == ("top", 0.2, initial_model_dir)
     history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
     steps = [entry for entry in history if "forking/selected_fraction" in entry]
     assert steps
@@ -491,3 +494,42 @@ def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert "requeue 4242" in scontrol_log.read_text().splitlines()
     assert "requeueing job 4242" in output.read_text()
+
+
+def test_eval_aime_evaluates_a_training_run_at_its_start_checkpoints_and_end_for_compare(tmp_path, tiny_model_dir):
+    from trl_forking.study import compare_runs, load_run, write_run_info
+
+    module = _eval_script()
+    run = tmp_path / "run"  # what recipes/grpo_forking.py leaves: forking_run.json, checkpoints, the final model
+    write_run_info(str(run), "top", 0.2, 3, model=tiny_model_dir)
+    shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    shutil.copytree(tiny_model_dir, run / "checkpoint-3-partial")  # not a checkpoint-N folder: ignored
+    (run / "checkpoint-1").mkdir()  # a save cut short, without a model: ignored
+    for name in os.listdir(tiny_model_dir):
+        shutil.copy(os.path.join(tiny_model_dir, name), run / name)
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    args = module.EvalArguments(
+        run_dir=str(run), datasets=["arithmetic-chains"], num_samples=2, k=[1, 2], max_new_tokens=4,
+        backend="transformers", limit=3, batch_size=6,
+    )  # fmt: skip
+    module.check_inputs(args)  # the starting model comes from forking_run.json
+    assert args.model_name_or_path == tiny_model_dir
+    records = module.evaluate_run(args)
+    assert [(r["step"], r["model"]) for r in records] == [(0, tiny_model_dir), (2, str(run / "checkpoint-2")),
+                                                          (4, str(run))]  # fmt: skip
+    for record in records:
+        summary = json.load(open(run / "eval" / f"step-{record['step']}" / "arithmetic-chains_summary.json"))
+        assert record["accuracy"] == summary["avg@2"] and record["pass@k"] == summary["pass@k"]
+        assert (record["num_problems"], record["num_samples"]) == (3, 2)
+    assert module.evaluate_run(args) == []  # every step is already there: nothing is evaluated twice
+    loaded = load_run(str(run))
+    assert [e["step"] for e in loaded.evaluations] == [0, 2, 4] and loaded.arm.label == "top 20%"
+    assert compare_runs([str(run)])["arms"][0]["seeds"] == [3]
+
+
+def test_eval_aime_refuses_a_run_dir_that_is_not_a_run(tmp_path):
+    module = _eval_script()
+    with pytest.raises(ValueError, match="model_name_or_path: missing"):
+        module.EvalArguments()
+    with pytest.raises(UsageError, match=r"run_dir: no forking_run.json in .*recipes/grpo_forking.py"):
+        module.check_inputs(module.EvalArguments(run_dir=str(tmp_path)))
