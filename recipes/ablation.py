@@ -30,7 +30,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 from trl_forking.callbacks import HeldOutEvaluationCallback
 from trl_forking.console import quiet_known_noise
-from trl_forking.launch import cpu_defaults
+from trl_forking.launch import cpu_defaults, world_size
 from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import get_reward_funcs
 from trl_forking.selection import SELECTIONS, check_quantile
@@ -274,6 +274,11 @@ def run_study(
 def main(argv: list[str]) -> dict:
     import torch
 
+    if world_size() > 1:
+        raise UsageError(
+            f"launch: ablation.py trains its runs one after another on one process, not {world_size()}; run it with "
+            "python, or train multi-GPU arms with recipes/grpo_forking.py and compare them (docs/ablation.md)"
+        )
     parser = RecipeParser((AblationArguments, ForkingGRPOConfig))
     if not torch.cuda.is_available():
         parser.set_defaults(**cpu_defaults())  # bf16 and pinned memory off, as in recipes/grpo_forking.py

@@ -96,6 +96,14 @@ def test_bad_input_names_the_field_before_anything_loads(tmp_path, argv, expecte
     assert not (tmp_path / "out").exists()
 
 
+def test_a_multi_process_launch_is_refused(tmp_path, monkeypatch):
+    from trl_forking.usage import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="launch: ablation.py trains its runs one after another on one process, not 2"):
+        _script().main(["--output_dir", str(tmp_path / "out")])
+
+
 def test_a_launched_study_answers_bad_input_with_one_line(tmp_path):
     done = _run(["--arms", "top:0.2", "best:0.2", "--output_dir", str(tmp_path / "out")], tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
