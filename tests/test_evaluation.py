@@ -244,3 +244,12 @@ def test_held_out_evaluation_takes_a_given_start_and_only_the_main_process_write
     assert _callback_run(other, model, tokenizer, tmp_path / "rank1", steps=2, process_index=1) == []
     with pytest.raises(ValueError, match="every_n_steps must be >= 0, got -1"):
         HeldOutEvaluationCallback(problems, every_n_steps=-1)
+
+
+def test_left_pad_right_aligns_rows_of_odd_lengths_and_masks_the_padding():
+    from trl_forking.evaluation import left_pad
+
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8], [], [9, 10]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0], [0, 9, 10]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0], [0, 1, 1]]
+    assert input_ids.dtype == attention_mask.dtype == torch.long

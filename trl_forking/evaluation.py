@@ -25,6 +25,7 @@ __all__ = [
     "evaluate",
     "format_evaluation",
     "generate_completions",
+    "left_pad",
     "pass_at_k",
     "score_problem",
     "summarize",
@@ -104,6 +105,18 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return configured
 
 
+def left_pad(rows: list[list[int]], pad_id: int):
+    """Returns ``(input_ids, attention_mask)``, both (len(rows), longest row) long tensors: the rows right-aligned
+    after ``pad_id`` (left padding, as decoder-only generation needs) and 1 where a row's own tokens are."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(row, dtype=torch.long) for row in rows]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True, padding_side="left")
+    return input_ids, attention_mask
+
+
 def generate_completions(
     model,
     tokenizer,
@@ -180,12 +193,8 @@ def generate_completions(
             starts = range(0, len(rows), batch_size)
             for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
                 batch = rows[start : start + batch_size]
-                width = max(len(ids) for ids in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (b, P), left-padded
-                attention_mask = torch.zeros_like(input_ids)
-                for row, ids in enumerate(batch):
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                    attention_mask[row, width - len(ids) :] = 1
+                input_ids, attention_mask = left_pad(batch, pad)  # (b, P) each
+                width = input_ids.shape[1]
                 output = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
                 )

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_MAX_NEW_TOKENS
+from ..evaluation import left_pad
 from .inputs import looks_like_path
 
 __all__ = [
@@ -159,11 +160,7 @@ def sample_completions(
         new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - width)
         if new_tokens < 1:
             raise ValueError(f"a prompt of {width} tokens leaves no room for a completion (model limit {limit})")
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (b, P), left-padded
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(encoded, pad)  # (b, P) each
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
