@@ -92,10 +92,8 @@ class BaseModelRecipe:
 
         if self.task != TASK_NAME:
             raise ValueError(f"task: {self.task!r} is not allowed; the bundled task is {TASK_NAME!r}.")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use an integer >= 1.")
-        for name in ("max_positions", "sft_steps", "batch_size", "num_threads"):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+        for name in (*positive, "max_positions", "sft_steps", "batch_size", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use an integer >= 1.")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
