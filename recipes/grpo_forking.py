@@ -16,6 +16,8 @@ finished run. Bad input ends with one line on stderr and exit status 2 (``trl_fo
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ import torch
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
-from trl_forking.base_model import build_base_model
+from trl_forking.base_model import BaseModelRecipe, build_base_model
 from trl_forking.console import quiet_known_noise, use_compact_log
 from trl_forking.data import load_train_dataset
 from trl_forking.launch import check_launch, check_world_size, cpu_defaults
@@ -66,6 +68,13 @@ class ForkingScriptArguments(ScriptArguments):
             "Without it such a run stops and asks (resume with --resume_from_checkpoint true)."
         },
     )
+    base_model_recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Without model_name_or_path: fields of trl_forking.base_model.BaseModelRecipe for the locally "
+            "built base model, as a JSON object (e.g. '{\"seed\": 1}'); unset: the default recipe."
+        },
+    )
     eval_num_samples: int = field(
         default=0,
         metadata={
@@ -85,6 +94,25 @@ def make_parser() -> RecipeParser:
     return parser
 
 
+def base_model_recipe(value: str | dict | None) -> BaseModelRecipe:
+    """Returns the ``BaseModelRecipe`` that ``--base_model_recipe`` (a JSON object, or a mapping from the YAML) names;
+    raises ``UsageError`` naming the field for anything else."""
+    if value is None:
+        return BaseModelRecipe()
+    try:
+        fields = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise UsageError(f"base_model_recipe: {value!r} is not a JSON object ({error.msg})") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"base_model_recipe: {value!r} is not a JSON object of BaseModelRecipe fields")
+    allowed = [f.name for f in dataclasses.fields(BaseModelRecipe)]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise UsageError(f"base_model_recipe: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    with input_errors("base_model_recipe", ValueError, TypeError):
+        return BaseModelRecipe(**fields)
+
+
 def check_inputs(
     script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig
 ) -> None:
@@ -92,6 +120,13 @@ def check_inputs(
     ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a fresh run)."""
     if model_args.model_name_or_path is not None:
         check_model(model_args.model_name_or_path, revision=model_args.model_revision)
+        if script_args.base_model_recipe is not None:
+            raise UsageError(
+                "base_model_recipe: applies to the locally built base model only, but model_name_or_path is "
+                f"{model_args.model_name_or_path!r}; give one of the two"
+            )
+    else:
+        base_model_recipe(script_args.base_model_recipe)
     if script_args.dataset_name is not None:
         check_data_source(script_args.dataset_name, "dataset_name")
     if script_args.eval_num_samples < 0:
@@ -154,8 +189,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         evaluate_task = False
     model = model_args.model_name_or_path
     if model is None:
+        # One build per node (a child process each); the node's other ranks wait, then find it cached.
         with training_args.main_process_first(desc="building the demo's base model"):
-            model = build_base_model()
+            model = build_base_model(base_model_recipe(script_args.base_model_recipe))
         if not torch.cuda.is_available():
             # 64-wide matrices gain nothing from intra-op threads, and on a shared CPU those threads contend: one
             # thread ran the demo in 1 minute where the default took 6 with other jobs on the machine.

@@ -1,15 +1,30 @@
 """Shared fixtures: a tiny GPT-2 built locally (never downloaded), a small prompt dataset, and (slow tests only) the
-demo's default base model, built once per session."""
+demo's default base model, built once per session.
+
+No test reads or writes the user's caches: the session runs with ``XDG_CACHE_HOME`` (trl-forking's base models) and
+``HF_HOME`` (datasets, hub) in a temporary directory of its own, set before any Hugging Face library is imported and
+inherited by every subprocess a test starts, and removed at the end.
+"""
 
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+SESSION_CACHE = tempfile.mkdtemp(prefix="trl-forking-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = SESSION_CACHE
+os.environ["HF_HOME"] = os.path.join(SESSION_CACHE, "huggingface")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,17 +53,16 @@ def prompt_dataset():
 
 
 @pytest.fixture(scope="session")
-def default_base_cache(tmp_path_factory):
-    """An ``XDG_CACHE_HOME`` whose ``trl-forking/`` holds the default base model, built once per session.
+def default_base_cache():
+    """The session's ``XDG_CACHE_HOME``, its ``trl-forking/`` holding the default base model, built once per session.
 
-    The one fixture that builds the real recipe (about a minute on 2 cores, up to 3 on a busy machine): only tests
-    marked ``slow`` may use it. A subprocess given this ``XDG_CACHE_HOME`` finds the model cached.
+    The one fixture that builds the real recipe (about 1.5 minutes on 2 cores): only tests marked ``slow`` may use
+    it. Every subprocess of the session inherits this ``XDG_CACHE_HOME`` and finds the model cached.
     """
     from trl_forking.base_model import build_base_model
 
-    root = tmp_path_factory.mktemp("xdg-cache")
-    build_base_model(cache_dir=os.path.join(str(root), "trl-forking"), progress=False)
-    return str(root)
+    build_base_model(cache_dir=os.path.join(SESSION_CACHE, "trl-forking"), progress=False)
+    return SESSION_CACHE
 
 
 @pytest.fixture(scope="session")

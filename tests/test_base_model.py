@@ -1,6 +1,7 @@
 """trl_forking.base_model: the digit-per-token tokenizer, the noisy SFT targets, the cached atomic build, and (slow)
 the documented properties of the default base model."""
 
+import hashlib
 import json
 import os
 import random
@@ -74,6 +75,10 @@ def test_noisy_solutions_are_self_consistent_and_wrong_at_about_the_noise_rate()
     assert 0.10 < wrong / total <= 0.16
 
 
+def _sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
 def test_the_build_is_cached_and_a_changed_recipe_rebuilds(tmp_path, monkeypatch, capsys):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     assert base_model.main(["--cache-dir", str(tmp_path), "--no-progress", *args]) == 0
@@ -82,7 +87,13 @@ def test_the_build_is_cached_and_a_changed_recipe_rebuilds(tmp_path, monkeypatch
     assert path == os.path.join(str(tmp_path), f"base-{recipe.short_hash()}")
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "build.json"):
         assert os.path.isfile(os.path.join(path, name)), name
-    assert json.load(open(os.path.join(path, "build.json")))["recipe"] == {**BaseModelRecipe().__dict__, **TINY}
+    record = json.load(open(os.path.join(path, "build.json")))
+    assert record["recipe"] == {**BaseModelRecipe().__dict__, **TINY}
+    # build.json records what the weights depend on, and the sha256 of the files it wrote.
+    assert {k: record[k] for k in base_model.build_key(recipe)} == base_model.build_key(recipe)
+    assert set(record["versions"]) == set(base_model.BUILD_LIBRARIES) and record["cpu_capability"]
+    for name in base_model.WEIGHT_FILES:
+        assert record["sha256"][name] == _sha256(os.path.join(path, name))
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no staging directory left behind
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,11 +102,58 @@ def test_the_build_is_cached_and_a_changed_recipe_rebuilds(tmp_path, monkeypatch
     assert model.config.model_type == "qwen3" and model.generation_config.eos_token_id == tokenizer.eos_token_id
 
     built = []
-    real_build = base_model._build
-    monkeypatch.setattr(base_model, "_build", lambda *a: built.append(a[0]) or real_build(*a))
+    real_build = base_model._build_in_subprocess
+    monkeypatch.setattr(base_model, "_build_in_subprocess", lambda *a: built.append(a[0]) or real_build(*a))
     assert build_base_model(recipe, str(tmp_path)) == path and built == []  # cached: nothing rebuilt
     other = BaseModelRecipe(**{**TINY, "seed": 1})
     assert build_base_model(other, str(tmp_path), progress=False) != path and built == [other]
+    # On one machine and one software stack a build is deterministic: rebuilding gives the same bytes.
+    weights = _sha256(os.path.join(path, "model.safetensors"))
+    assert build_base_model(recipe, str(tmp_path), overwrite=True, progress=False) == path
+    assert _sha256(os.path.join(path, "model.safetensors")) == weights
+
+
+def test_the_build_process_sees_no_launcher_and_no_gpu(monkeypatch):
+    launched = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in {**launched, "ACCELERATE_USE_DEEPSPEED": "true", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MY_SETTING", "kept")
+    environ = base_model._build_environ(BaseModelRecipe(num_threads=3))
+    assert not set(launched) & set(environ) and "ACCELERATE_USE_DEEPSPEED" not in environ
+    assert (environ["CUDA_VISIBLE_DEVICES"], environ["OMP_NUM_THREADS"], environ["MY_SETTING"]) == ("", "3", "kept")
+    # The child imports this package, wherever the caller found it.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(base_model.__file__)))
+    assert environ["PYTHONPATH"].split(os.pathsep)[0] == package_root
+
+
+def test_the_cache_key_covers_the_build_code_the_libraries_and_the_cpu(monkeypatch):
+    recipe = BaseModelRecipe(**TINY)
+    name = recipe.short_hash()
+    # The code as a syntax tree: docstrings, comments and layout do not count, a changed statement does.
+    code = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    assert base_model._syntax_tree(code) == base_model._syntax_tree("def f(x):\n\n    return (x +\n            1)\n")
+    assert base_model._syntax_tree(code) != base_model._syntax_tree("def f(x):\n    return x + 2\n")
+    monkeypatch.setattr(base_model, "build_code_fingerprint", lambda: "0" * 64)
+    assert recipe.short_hash() != name
+    monkeypatch.undo()
+    real_version = base_model.metadata.version
+    monkeypatch.setattr(base_model.metadata, "version", lambda d: "0.0.1" if d == "tokenizers" else real_version(d))
+    assert recipe.short_hash() != name
+    monkeypatch.undo()
+    import torch
+
+    other = "AVX512" if torch.backends.cpu.get_cpu_capability() != "AVX512" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert recipe.short_hash() != name
+    monkeypatch.undo()
+    assert recipe.short_hash() == name
+
+
+def test_a_failed_build_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(base_model.sys, "executable", "false")  # the build process exits 1 at once
+    with pytest.raises(RuntimeError, match=r"building the base model base-\w+ failed \(exit status 1\)"):
+        build_base_model(BaseModelRecipe(**TINY), str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_interrupted_build_leaves_no_directory_that_looks_finished(tmp_path, monkeypatch):
@@ -103,7 +161,7 @@ def test_an_interrupted_build_leaves_no_directory_that_looks_finished(tmp_path, 
         open(os.path.join(output_dir, "config.json"), "w").write("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(base_model, "_build", interrupted)
+    monkeypatch.setattr(base_model, "_build_in_subprocess", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_base_model(BaseModelRecipe(**TINY), str(tmp_path))
     assert os.listdir(tmp_path) == []
@@ -116,9 +174,9 @@ def test_a_concurrent_build_that_finishes_first_wins(tmp_path, monkeypatch):
     def racing(recipe, output_dir, progress):
         os.makedirs(target)  # another process renames its finished build into place meanwhile
         open(os.path.join(target, "config.json"), "w").write('{"winner": true}')
-        return {}
+        open(os.path.join(target, "build.json"), "w").write('{"sha256": {"model.safetensors": "abc"}}')
 
-    monkeypatch.setattr(base_model, "_build", racing)
+    monkeypatch.setattr(base_model, "_build_in_subprocess", racing)
     assert build_base_model(recipe, str(tmp_path)) == target
     assert json.load(open(os.path.join(target, "config.json"))) == {"winner": True}
     assert os.listdir(tmp_path) == [os.path.basename(target)]

@@ -226,13 +226,24 @@ def test_the_no_argument_demo_learns_and_says_where_its_output_is(tmp_path, defa
 
 # What each launcher config must set up on two CPU processes (recipes/accelerate/*.yaml, "CPU (tests)" line).
 LAUNCHES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED ZeRO-2", "zero3": "DEEPSPEED ZeRO-3"}
+# A base model that builds in seconds (trl_forking.base_model recipe fields): the launch path, not a model that reasons.
+TINY_BASE = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_layers": 1,
+    "num_heads": 1,
+    "num_kv_heads": 1,
+    "sft_steps": 2,
+    "batch_size": 4,
+    "num_train_problems": 32,
+}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("launch", LAUNCHES)
-def test_launch_on_two_cpu_processes_trains_them_as_one_group(tmp_path, tiny_model_dir, launch):
-    output_dir = str(tmp_path / "out")
+def test_launch_on_two_cpu_processes_from_an_empty_cache_builds_once_and_trains_them_as_one_group(tmp_path, launch):
+    output_dir, cache = str(tmp_path / "out"), tmp_path / "empty-cache"
     command = [
         shutil.which("accelerate") or "accelerate",
         "launch",
@@ -247,8 +258,8 @@ def test_launch_on_two_cpu_processes_trains_them_as_one_group(tmp_path, tiny_mod
         SCRIPT,
         "--config",
         DEMO,
-        "--model_name_or_path",
-        tiny_model_dir,
+        "--base_model_recipe",
+        json.dumps(TINY_BASE),
         "--output_dir",
         output_dir,
         "--max_steps",
@@ -259,18 +270,23 @@ def test_launch_on_two_cpu_processes_trains_them_as_one_group(tmp_path, tiny_mod
         "1",
         "--learning_rate",
         "1e-2",
-        # The random tiny model never states the exact answer: partial credit gives GRPO non-zero advantages.
+        # The near-random tiny model never states the exact answer: partial credit gives GRPO non-zero advantages.
         "--reward_funcs",
         "math_accuracy",
         "numeric_closeness",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cache)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 built the base model while rank 1 waited, then both trained in one group (with an empty cache, rank 0
+    # used to train alone and rank 1 died in the barrier).
+    assert done.stdout.count("Building the base model") == 1
+    (base_model,) = glob.glob(str(cache / "trl-forking" / "*"))  # one finished model, no staging directory
+    assert os.path.basename(base_model).startswith("base-")
     assert f"Training on 2 process(es): DistributedType.{LAUNCHES[launch]}" in done.stdout
     # demo.yaml asks for the before/after evaluation, which a multi-process run skips (ZeRO-3 loads shards only).
     assert "the before/after evaluation runs in single-process runs only, skipped on 2 processes" in done.stdout
-    assert len(_check_trained(output_dir, tiny_model_dir, done.stdout)) == 3
+    assert len(_check_trained(output_dir, base_model, done.stdout)) == 3
     # DeepSpeed's accelerator notice from the first rank only (and, for ZeRO, from accelerate's launcher itself), not
     # once per rank; no FutureWarning about TRL's or DeepSpeed's calls.
     assert (done.stdout + done.stderr).count("Setting accelerator to CPU") <= (2 if "zero" in launch else 1)

@@ -13,26 +13,39 @@ entropy. That is the regime the paper's RL works in, and GRPO groups get mixed r
 stopped part-way through learning the arithmetic has systematic errors that GRPO did not fix in a CPU budget
 (``docs/task.md`` has the numbers).
 
-The result is cached in ``$XDG_CACHE_HOME/trl-forking/base-<hash>`` (``~/.cache`` when unset), ``<hash>`` a short
-hash of the recipe (task, sizes, SFT settings, seed): a second call returns the cached directory, a changed recipe
-builds a new one. A build is written to a temporary directory next to it and renamed into place, so an interrupted or
-concurrent build never leaves a directory that looks finished. The directory has a Hub model repository's layout
-(``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) plus ``build.json`` (the recipe,
-the SFT log and timings). ``python -m trl_forking.base_model`` builds it and prints the path.
+The result is cached in ``$XDG_CACHE_HOME/trl-forking/base-<hash>`` (``~/.cache`` when unset). ``<hash>`` covers
+everything the weights depend on (``build_key``): the recipe, the build code itself (this module and the task module,
+as syntax trees without docstrings or comments), the bytes of the train split, the versions of the libraries the build
+runs and the CPU's vector instruction set that torch dispatches to. The last matters: float results of matrix
+products and reductions depend on the kernels chosen for the CPU (AVX2 or AVX-512), and SFT turns those last-bit
+differences into other weights (``docs/task.md`` has the experiment). The recipe is made to converge, so that every
+such build reasons the same way; ``build.json`` records the key and the sha256 of the weights.
+
+A build runs in a child process on the CPU with ``num_threads`` torch threads and a clean environment (no
+distributed launcher variables, no visible GPU), so it is the same build whether it is called from a notebook, a
+training script on a GPU node or one rank of ``accelerate launch``, and it leaves the caller's torch, accelerate and
+random state as they were. It is written to a temporary directory next to the target and renamed into place, so an
+interrupted or concurrent build never leaves a directory that looks finished. The directory has a Hub model
+repository's layout (``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) plus
+``build.json``. ``python -m trl_forking.base_model`` builds it and prints the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -40,6 +53,9 @@ __all__ = [
     "BaseModelRecipe",
     "base_model_dir",
     "build_base_model",
+    "build_code_fingerprint",
+    "build_environment",
+    "build_key",
     "build_tokenizer",
     "main",
 ]
@@ -52,9 +68,31 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Bumped when the build code changes what a recipe produces, so that old caches are not reused.
-BUILD_VERSION = 1
 BUILD_FILE = "build.json"
+# The files whose sha256 build.json records: what two builds must share to be the same model.
+WEIGHT_FILES = ("model.safetensors", "tokenizer.json")
+# The distributions whose code runs during a build; their versions are part of the cache key.
+BUILD_LIBRARIES = ("torch", "transformers", "trl", "tokenizers", "accelerate", "datasets", "numpy", "safetensors")
+# Variables a launcher (torchrun, accelerate, DeepSpeed, Slurm's srun through them) sets for its processes; a build
+# must not see them, or its SFTTrainer would join (and then tear down) the caller's process group.
+_LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "LOCAL_SIZE",
+)
+_LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_", "FSDP_", "TORCH_NCCL_", "NCCL_")
 
 
 @dataclass(frozen=True)
@@ -69,11 +107,13 @@ class BaseModelRecipe:
     hidden_size: int = 64
     intermediate_size: int = 192
     num_layers: int = 3
-    num_heads: int = 2
-    num_kv_heads: int = 2
+    # Four heads of 16: with two of 32 the same model learned the task in about twice the steps (docs/task.md).
+    num_heads: int = 4
+    num_kv_heads: int = 4
     max_positions: int = 256
-    # SFT (TRL SFTTrainer, completion-only loss, AdamW).
-    sft_steps: int = 800
+    # SFT (TRL SFTTrainer, completion-only loss, AdamW). Twice the steps the task takes to learn, so that every seed
+    # and every machine's build ends converged (docs/task.md).
+    sft_steps: int = 1600
     # Share of result digits written wrong in the SFT targets (later lines continue from the wrong value).
     digit_noise: float = 0.15
     # Train on the first N problems of the train split (None: all 8,000); small values make test builds fast.
@@ -85,7 +125,9 @@ class BaseModelRecipe:
     weight_decay: float = 0.1
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0
-    num_threads: int = 1
+    # torch threads of the build process (its own process: the caller's setting is not touched). Part of the recipe:
+    # a matrix product split over another number of threads rounds differently.
+    num_threads: int = 2
 
     def __post_init__(self):
         from .task import TASK_NAME
@@ -111,16 +153,74 @@ class BaseModelRecipe:
             )
 
     def short_hash(self) -> str:
-        """Returns 10 hex digits of the SHA-256 of the recipe, the build code's version and the train split's bytes
-        (so that regenerated task files give a new model, not a stale cached one)."""
-        from .task import split_path
-
-        with open(split_path("train"), "rb") as f:
-            data = hashlib.sha256(f.read()).hexdigest()
-        payload = json.dumps(
-            {"build_version": BUILD_VERSION, "train_data": data, **dataclasses.asdict(self)}, sort_keys=True
-        )
+        """Returns 10 hex digits of the SHA-256 of ``build_key(self)``: the name of the cache directory."""
+        payload = json.dumps(build_key(self), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _syntax_tree(source: str) -> str:
+    """Returns ``ast.dump`` of the module ``source`` without its docstrings: what runs, not how it is written."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def build_code_fingerprint() -> str:
+    """Returns the SHA-256 of the build code: this module and the task module, as syntax trees without docstrings.
+
+    Any change to what the build runs (a default, a line of ``_build``, the noise of the SFT targets) gives a new
+    fingerprint, hence a new cache directory; comments, docstrings and formatting do not.
+    """
+    from . import task
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, task.__file__):
+        with open(module_file, encoding="utf-8") as f:
+            digest.update(_syntax_tree(f.read()).encode())
+    return digest.hexdigest()
+
+
+def build_environment() -> dict:
+    """Returns what of the machine and its software a build's weights depend on.
+
+    ``versions``: each distribution of ``BUILD_LIBRARIES``; ``cpu_capability``: the vector instruction set torch's CPU
+    kernels dispatch to (``torch.backends.cpu.get_cpu_capability()``, e.g. ``AVX2``, ``AVX512``; the environment
+    variable ``ATEN_CPU_CAPABILITY`` lowers it), which also selects MKL's code path; ``machine``: the architecture.
+    """
+    import torch
+
+    return {
+        "versions": {name: metadata.version(name) for name in BUILD_LIBRARIES},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
+
+
+def build_key(recipe: BaseModelRecipe) -> dict:
+    """Returns everything the weights of ``recipe``'s build depend on: the recipe's fields, the build code's
+    fingerprint, the SHA-256 of the train split file and ``build_environment()``."""
+    from .task import split_path
+
+    return {
+        "recipe": dataclasses.asdict(recipe),
+        "code": build_code_fingerprint(),
+        "train_data": _file_sha256(split_path("train")),
+        **build_environment(),
+    }
 
 
 def _cache_root() -> str:
@@ -233,16 +333,16 @@ def _sft_dataset(rows, noise: float, seed: int):
 
 
 def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
-    """Trains the tokenizer and the SFT model of ``recipe`` into ``output_dir``; returns the build record."""
+    """Trains the tokenizer and the SFT model of ``recipe`` into ``output_dir`` in this process, on the CPU with
+    ``recipe.num_threads`` threads; returns the build record. ``build_base_model`` runs it in a child process."""
     import torch
-    import transformers
-    import trl
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from .task import read_split
 
     started = time.time()
+    torch.set_num_threads(recipe.num_threads)
     rows = read_split("train")[: recipe.num_train_problems]
     tokenizer = build_tokenizer(
         [f"{row['prompt'][0]['content']}\n{row['completion']}" for row in rows] + ["user", "assistant"],
@@ -280,13 +380,14 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
         # A 64-wide model recomputes nothing worth saving; TRL turns checkpointing on by default, which is 3x slower.
         gradient_checkpointing=False,
         bf16=False,
+        use_cpu=True,  # the same weights on a GPU node as on a laptop of the same CPU family
         seed=recipe.seed,
         data_seed=recipe.seed,
         logging_steps=max(1, recipe.sft_steps // 10),
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # else torch warns once per build
+        dataloader_pin_memory=False,
         disable_tqdm=not progress,
     )
     dataset = _sft_dataset(rows, recipe.digit_noise, recipe.seed)
@@ -295,6 +396,10 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
         from .console import use_compact_log
 
         use_compact_log(trainer)  # one short line per log under the progress bar, not transformers' dicts
+    else:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # no progress bar, so no log lines either
     sft_started = time.time()
     trainer.train()
     sft_seconds = time.time() - sft_started
@@ -305,15 +410,46 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
     tokenizer.save_pretrained(output_dir)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {
-        "recipe": dataclasses.asdict(recipe),
         "hash": recipe.short_hash(),
-        "build_version": BUILD_VERSION,
+        **build_key(recipe),  # recipe, code, train_data, versions, cpu_capability, machine
+        "sha256": {name: _file_sha256(os.path.join(output_dir, name)) for name in WEIGHT_FILES},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "sft_log": [entry for entry in trainer.state.log_history if "loss" in entry],
         "sft_seconds": round(sft_seconds, 1),
         "build_seconds": round(time.time() - started, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
+
+
+def _build_environ(recipe: BaseModelRecipe) -> dict[str, str]:
+    """Returns the environment of a build process: the caller's, without launcher variables or visible GPUs, with
+    ``recipe.num_threads`` OpenMP threads and this package importable."""
+    environ = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in _LAUNCHER_VARIABLES and not name.startswith(_LAUNCHER_PREFIXES)
+    }
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environ.get("PYTHONPATH")]))
+    environ.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(recipe.num_threads))
+    return environ
+
+
+def _build_in_subprocess(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> None:
+    """Runs ``_build`` of ``recipe`` into ``output_dir`` (with its ``build.json``) in a child process.
+
+    Raises:
+        RuntimeError: the build process failed; its output (inherited stdout and stderr) says why.
+    """
+    command = [sys.executable, "-m", __spec__.name, "--build-into", output_dir, "--recipe-json"]
+    command.append(json.dumps(dataclasses.asdict(recipe)))
+    if not progress:
+        command.append("--no-progress")
+    done = subprocess.run(command, env=_build_environ(recipe), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"building the base model base-{recipe.short_hash()} failed (exit status {done.returncode}); the "
+            "build process's output above says why"
+        )
 
 
 def build_base_model(
@@ -324,9 +460,10 @@ def build_base_model(
 ) -> str:
     """Returns the directory of the base model of ``recipe``, building it first unless it is cached.
 
-    The directory is ``base_model_dir(recipe, cache_dir)``; a build goes to a temporary sibling and is renamed into
-    place when complete, so a directory with that name is always a finished model. When two processes build at once,
-    the first rename wins and the other discards its copy. ``overwrite`` rebuilds a cached model.
+    The directory is ``base_model_dir(recipe, cache_dir)``; a build runs in a child process (module docstring), goes
+    to a temporary sibling and is renamed into place when complete, so a directory with that name is always a
+    finished model. When two processes build at once, the first rename wins and the other discards its copy.
+    ``overwrite`` rebuilds a cached model.
 
     Args:
         recipe: what to build (``BaseModelRecipe()``: the demo's model).
@@ -334,8 +471,6 @@ def build_base_model(
         overwrite: rebuild even if the model is cached.
         progress: show TRL's SFT progress bar.
     """
-    import torch
-
     recipe = recipe or BaseModelRecipe()
     target = base_model_dir(recipe, cache_dir)
     if os.path.isdir(target) and not overwrite:
@@ -343,20 +478,18 @@ def build_base_model(
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.building-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would keep a shared cache from the rest of a group
     started = time.time()
     if progress:
         print(
             f"Building the base model {os.path.basename(target)} ({recipe.sft_steps} SFT steps on {recipe.task}; "
-            f"about a minute on 2 CPU cores, once: cached in {parent})",
+            f"about 1.5 minutes on 2 CPU cores, once: cached in {parent})",
             flush=True,
         )
-    threads = torch.get_num_threads()
-    # One thread by default: on 2 shared cores, two threads per process contend and the build ran 4x slower.
-    torch.set_num_threads(recipe.num_threads)
     try:
-        record = _build(recipe, staging, progress)
-        with open(os.path.join(staging, BUILD_FILE), "w") as f:
-            json.dump(record, f, indent=2)
+        _build_in_subprocess(recipe, staging, progress)
         if overwrite and os.path.isdir(target):
             shutil.rmtree(target)
         try:
@@ -366,10 +499,13 @@ def build_base_model(
                 raise
             # Another process finished the same build first: keep its copy, drop ours.
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
     if progress:
-        print(f"Base model built in {time.time() - started:.0f} s: {target}", flush=True)
+        with open(os.path.join(target, BUILD_FILE)) as f:
+            weights = json.load(f).get("sha256", {}).get("model.safetensors", "?")
+        print(
+            f"Base model built in {time.time() - started:.0f} s: {target} (weights sha256 {weights[:12]})", flush=True
+        )
     return target
 
 
@@ -381,6 +517,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="Parent directory (default: $XDG_CACHE_HOME/trl-forking).")
     parser.add_argument("--overwrite", action="store_true", help="Rebuild even if the model is cached.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the SFT progress bar.")
+    # The child process of build_base_model: build the recipe given as JSON into a directory, here.
+    parser.add_argument("--build-into", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-json", default=None, help=argparse.SUPPRESS)
     for field in dataclasses.fields(BaseModelRecipe):
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
@@ -397,10 +536,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     names = [field.name for field in dataclasses.fields(BaseModelRecipe)]
     try:
-        recipe = BaseModelRecipe(**{name: getattr(args, name) for name in names})
+        fields = json.loads(args.recipe_json) if args.recipe_json else {name: getattr(args, name) for name in names}
+        recipe = BaseModelRecipe(**fields)
     except ValueError as error:
         print(f"python -m trl_forking.base_model: error: {error}", file=sys.stderr)
         return 2
+    if args.build_into:
+        from .console import quiet_deepspeed_accelerator_notice, quiet_known_noise
+
+        # A build process of its caller: the caller's run has already said what these warnings would repeat.
+        quiet_known_noise()
+        quiet_deepspeed_accelerator_notice()
+        record = _build(recipe, args.build_into, progress=not args.no_progress)
+        with open(os.path.join(args.build_into, BUILD_FILE), "w") as f:
+            json.dump(record, f, indent=2)
+        return 0
     print(build_base_model(recipe, args.cache_dir, overwrite=args.overwrite, progress=not args.no_progress))
     return 0
 

@@ -20,7 +20,14 @@ import warnings
 
 from transformers import PrinterCallback, ProgressCallback
 
-__all__ = ["CompactPrinterCallback", "CompactProgressCallback", "format_log", "quiet_known_noise", "use_compact_log"]
+__all__ = [
+    "CompactPrinterCallback",
+    "CompactProgressCallback",
+    "format_log",
+    "quiet_deepspeed_accelerator_notice",
+    "quiet_known_noise",
+    "use_compact_log",
+]
 
 # (logged name, label, format): the order of the line. Reward components are added between reward and the rest.
 FIELDS = (
@@ -114,6 +121,12 @@ def quiet_known_noise() -> None:
     if int(os.environ.get("LOCAL_RANK") or 0) > 0:
         # DeepSpeed's accelerator detection logs "Setting accelerator to CPU" in every process; the node's first rank
         # still shows it once (it matters on a GPU machine whose CUDA failed), the other ranks only repeat it.
-        logging.getLogger("DeepSpeed").addFilter(
-            lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
-        )
+        quiet_deepspeed_accelerator_notice()
+
+
+def quiet_deepspeed_accelerator_notice() -> None:
+    """Drops DeepSpeed's "Setting accelerator to CPU" log line in this process (for processes other than a run's
+    first, where it only repeats what the first said)."""
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
+    )
