@@ -14,6 +14,7 @@ cores are already oversubscribed.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -76,14 +77,30 @@ def trl_high_entropy_mask():
 
     The method runs unmodified with an accelerate ``Accelerator`` (MULTI_CPU, on the process group already
     initialized here), so its ``pad_across_processes``, ``gather`` and ``torch.quantile`` are the real ones; it raises
-    RuntimeError from torch.quantile when the gathered tokens exceed 2**24. TRL is imported only here, in the
-    workers: the rest of the benchmark needs none of it.
+    RuntimeError from torch.quantile when the gathered tokens exceed 2**24. TRL is imported only in the workers (see
+    ``_worker`` for when): the rest of the benchmark needs none of it.
     """
     from accelerate import Accelerator
     from trl import GRPOTrainer
 
     trainer = types.SimpleNamespace(accelerator=Accelerator(cpu=True))
     return lambda entropies, mask, rho: GRPOTrainer.get_high_entropy_mask(trainer, entropies, mask, 1 - rho)
+
+
+def _gloo_threads() -> list[str]:
+    """Returns the names of this process's gloo threads (empty where /proc is not there to tell)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue  # the thread ended while we looked
+    return sorted(name for name in names if "gloo" in name)
 
 
 def _slowest(seconds: float) -> float:
@@ -120,6 +137,13 @@ def _worker(rank: int, world: int, port: int, sizes, out_path: str) -> None:
     layout = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{k: str(v) for k, v in layout.items()})
     torch.set_num_threads(1)
+    # TRL (with transformers, DeepSpeed and torch._dynamo) is imported before the process group exists. Imported
+    # after, torch._dynamo keeps references to the group, destroy_process_group() no longer frees it, and its gloo
+    # threads live into interpreter shutdown, where one that releases the last collective's tensors must take the
+    # GIL: the thread is ended inside a noexcept frame, std::terminate, exit code -6 (1 world in 15 here).
+    import accelerate  # noqa: F401
+    import trl.trainer.grpo_trainer  # noqa: F401
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
     trl_select = trl_high_entropy_mask()
     counter = _ByteCounter()
@@ -138,6 +162,10 @@ def _worker(rank: int, world: int, port: int, sizes, out_path: str) -> None:
         with open(out_path, "w") as out:
             json.dump(rows, out)
     dist.destroy_process_group()
+    gc.collect()
+    left = _gloo_threads()
+    if left:  # the race above, caught every time instead of once in a while
+        raise RuntimeError(f"rank {rank}: the process group outlived destroy_process_group (threads {left})")
 
 
 def run(worlds=WORLD_SIZES, sizes=FULL_SIZES, log=print) -> list[dict]:

@@ -28,7 +28,10 @@ def _entry(rank, world, port, fn, args, results):
 def run_on_ranks(fn, world: int, *args) -> list:
     """Returns ``[fn(rank, world, *args) for rank in range(world)]``, each run in its own gloo process.
 
-    ``fn`` must be importable (module level). A collective that never completes fails after ``TIMEOUT``.
+    ``fn`` must be importable (module level); its module is imported before the process group exists, and so must be
+    whatever it imports that pulls in torch._dynamo (TRL, transformers' Trainer, DeepSpeed): imported after, it keeps
+    the group alive past ``destroy_process_group`` and a process can abort at exit (benchmarks/bench_distributed.py
+    has the details). A collective that never completes fails after ``TIMEOUT``.
     """
     results = mp.Manager().dict()
     mp.start_processes(_entry, args=(world, _free_port(), fn, args, results), nprocs=world, start_method="spawn")
