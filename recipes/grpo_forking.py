@@ -268,8 +268,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     # Every rank reaches this point before any destroys the process group: on CPU, gloo aborted a rank that tore
     # down its group while the main process was still writing the model (1 in ~6 ZeRO-3 runs without the barrier).
     trainer.accelerator.wait_for_everyone()
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finishes trackers, destroys the process group
-        trainer.end()
+    # Finishes the trackers and destroys the process group (transformers >= 5.18 calls it Trainer.end), so that the
+    # group's gloo threads end with the run and not inside interpreter shutdown, where they can abort a rank.
+    trainer.accelerator.end_training()
     trainer.accelerator.print(f"Trained model, tokenizer and metrics (trainer_state.json) saved in {output_dir}")
     return output_dir
 

@@ -12,6 +12,7 @@ lists, per optimizer step, the sorted completions it trained on (all ranks).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -98,6 +99,11 @@ def main(argv: list[str]) -> None:
         results[name] = {"update": update, "steps": steps}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
+    if dist.is_initialized():
+        # Free the gloo group, joining its threads, while the interpreter is whole: a group left alive into
+        # interpreter shutdown aborts a rank now and then (exit -6; benchmarks/bench_distributed.py explains).
+        dist.destroy_process_group()
+        gc.collect()
 
 
 if __name__ == "__main__":
