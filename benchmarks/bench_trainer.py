@@ -9,7 +9,8 @@ Two settings:
 - ``no_old_logps``: steps_per_generation = gradient_accumulation_steps, num_iterations = 1, so TRL runs no no-grad
   forward; scope "step" adds one (its extra cost is reported);
 - ``old_logps``: steps_per_generation = 2 * gradient_accumulation_steps, so TRL computes old log-probs in a no-grad
-  forward and scope "step" takes the entropies from that same pass.
+  forward and scope "step" takes the entropies from that same pass; ``forking_step_refresh`` re-selects the second
+  step of each rollout on the current policy (``forking_refresh_entropies``: one no-grad forward per such step).
 
 Step time: a callback records the wall time and the process CPU time of every optimizer step; after the warm-up
 steps, steps are grouped into generation cycles (``steps_per_generation`` steps, one generation each) and the
@@ -41,6 +42,7 @@ RUNS = (
     ("forking_micro_batch", "forking", {"forking_scope": "micro_batch"}),
     ("forking_local", "forking", {"forking_scope": "local"}),
     ("forking_sequence", "forking", {"forking_scope": "sequence"}),
+    ("forking_step_refresh", "forking", {"forking_scope": "step", "forking_refresh_entropies": True}),
 )
 SETTINGS = {"no_old_logps": 1, "old_logps": 2}  # steps_per_generation per gradient_accumulation_steps
 # Methods in which each trainer selects tokens (for ours also the entropy forward and the metrics they call).
@@ -50,7 +52,10 @@ SELECTION_METHODS = {
 }
 CLOCKS = ("wall", "cpu", "selection_wall", "selection_cpu")
 FULL = {
-    "runs": {"no_old_logps": [name for name, _, _ in RUNS], "old_logps": ["trl_q0.2", "forking_step"]},
+    "runs": {
+        "no_old_logps": [name for name, _, _ in RUNS if name != "forking_step_refresh"],
+        "old_logps": ["trl_q0.2", "forking_step", "forking_step_refresh"],
+    },
     "batch": 8,
     "completion_tokens": 32,
     "warmup_cycles": 1,

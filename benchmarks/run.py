@@ -133,6 +133,8 @@ def report_trainer(result, lines, verdicts):
                 note = f"target <= {target}: {_verdict(ok_measured)} measured, {_verdict(ok_attributable)} attributable"
             elif setting == "no_old_logps" and name == "forking_step":
                 note = "no target: the cost of the extra no-grad entropy forward"
+            elif name == "forking_step_refresh":
+                note = "no target: the cost of re-selecting every later step of a rollout on the current policy"
             low, high = spread[setting][name]
             lines.append(
                 f"   {setting:12s} {name:20s} {seconds:7.3f} {f'({low:.2f}-{high:.2f})':>15} "

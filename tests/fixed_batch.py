@@ -53,26 +53,75 @@ def make_batch(rows: int, cols: int, seed: int, ragged: bool = True) -> FixedBat
     return FixedBatch(logps, logps - log_ratio, logps + ref_gap, entropies, mask, advantages)
 
 
-def generation_output(batch: FixedBatch) -> dict:
-    """Returns what TRL's ``_generate_and_score_completions`` would return for ``batch`` (one rank)."""
-    rows, cols = batch.shape
-    completion_ids = torch.zeros(rows, cols, dtype=torch.long)
-    completion_ids[:, 0] = ROW_TOKEN + torch.arange(rows)
+def generation_output(batch: FixedBatch, rows: slice = slice(None)) -> dict:
+    """Returns what TRL's ``_generate_and_score_completions`` would return for the ``rows`` of ``batch`` (one rank),
+    each row tagged with its index in ``batch``."""
+    index = torch.arange(batch.shape[0])[rows]
+    count, cols = index.numel(), batch.shape[1]
+    completion_ids = torch.zeros(count, cols, dtype=torch.long)
+    completion_ids[:, 0] = ROW_TOKEN + index
     return {
-        "prompt_ids": torch.tensor([PROMPT] * rows),
-        "prompt_mask": torch.ones(rows, len(PROMPT), dtype=torch.long),
+        "prompt_ids": torch.tensor([PROMPT] * count),
+        "prompt_mask": torch.ones(count, len(PROMPT), dtype=torch.long),
         "completion_ids": completion_ids,
-        "completion_mask": batch.mask.clone(),
-        "advantages": batch.advantages.clone(),
-        "num_items_in_batch": batch.mask.sum(),
-        "old_per_token_logps": batch.old_logps.clone(),
-        "ref_per_token_logps": batch.ref_logps.clone(),
+        "completion_mask": batch.mask[rows].clone(),
+        "advantages": batch.advantages[rows].clone(),
+        "num_items_in_batch": batch.mask[rows].sum(),
+        "old_per_token_logps": batch.old_logps[rows].clone(),
+        "ref_per_token_logps": batch.ref_logps[rows].clone(),
     }
 
 
 def row_order(input_ids: torch.Tensor) -> list[int]:
     """Returns the batch row of each row of a micro-batch's (b, P + T) input ids."""
     return (input_ids[:, len(PROMPT)] - ROW_TOKEN).tolist()
+
+
+def run_steps(trainer, batch: FixedBatch, monkeypatch, steps: int):
+    """Returns ``(logps, entropies, losses, micro_batches)`` after ``steps`` optimizer steps of the trainer's
+    ``gradient_accumulation_steps`` micro-steps each, through its real ``_prepare_inputs`` and ``compute_loss``.
+
+    Each generation TRL asks for takes the next ``per_device_train_batch_size * steps_per_generation`` rows of
+    ``batch``, in order, so any ``steps_per_generation`` consumes the same rows. ``losses`` has one entry per
+    micro-step; the leaves' ``.grad`` holds the sum of every step's gradient (the leaves are fixed: the policy does
+    not move between steps).
+    """
+    args = trainer.args
+    accumulation, per_generation = args.gradient_accumulation_steps, args.per_device_train_batch_size
+    per_generation *= args.steps_per_generation
+    assert batch.shape[0] == steps * accumulation * args.per_device_train_batch_size
+    assert batch.shape[0] % per_generation == 0
+    logps = batch.logps.clone().requires_grad_(True)
+    entropies = batch.entropies.clone().requires_grad_(True)
+    outputs = iter(
+        [
+            generation_output(batch, slice(start, start + per_generation))
+            for start in range(0, batch.shape[0], per_generation)
+        ]
+    )
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(next(outputs)))
+    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: batch.entropies[row_order_of(b)].clone())
+
+    def forward(model, input_ids, *args, **kwargs):
+        order = row_order(input_ids)
+        return logps[order], entropies[order], None
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
+    trainer._buffered_inputs = None
+    trainer._step = 0
+    trainer.current_gradient_accumulation_steps = accumulation  # set by the training loop, bypassed here
+    trainer.model.train()
+    losses, micro_batches = [], []
+    for micro_step in range(steps * accumulation):
+        inputs = trainer._prepare_inputs([{}])
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        micro_batches.append(inputs)
+        trainer._step += 1
+        if (micro_step + 1) % accumulation == 0:
+            trainer.state.global_step += 1
+    return logps, entropies, losses, micro_batches
 
 
 def run_step(trainer, batch: FixedBatch, monkeypatch, accumulation: int = 1):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from fixed_batch import make_batch, run_step, selected_rows
+from fixed_batch import make_batch, run_step, run_steps, selected_rows
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer, num_selected
 
@@ -54,6 +54,11 @@ def naive_top(entropies, mask, rho):
     values = sorted(entropies[mask.bool()].tolist(), reverse=True)
     k = math.ceil(round(rho * len(values), 9))
     return mask.bool() & (entropies >= values[k - 1])
+
+
+def informative(batch):
+    """The selection population by default: the valid tokens of the completions whose advantage is not 0."""
+    return batch.mask.bool() & (batch.advantages != 0).unsqueeze(1)
 
 
 def policy_term(loss_type, logps, batch):
@@ -134,7 +139,9 @@ def test_gradient_equals_the_hand_written_loss(
     logps, entropies, losses, micro_batches = run_step(trainer, batch, monkeypatch)
 
     selected = selected_rows(micro_batches, batch.shape)
-    assert torch.equal(selected, naive_top(batch.entropies, batch.mask, RHO))
+    # The last completion has advantage 0 (make_batch): it is left out of the population the top-rho is taken from.
+    assert batch.advantages[-1] == 0 and informative(batch)[-1].sum() == 0 < batch.mask[-1].sum()
+    assert torch.equal(selected, naive_top(batch.entropies, informative(batch), RHO))
     ref_logps = batch.logps.clone().requires_grad_(True)
     ref_entropies = batch.entropies.clone().requires_grad_(True)
     expected = reference_loss(loss_type, normalization, coef, 0.0, ref_logps, ref_entropies, batch, selected)
@@ -193,7 +200,7 @@ def test_entropy_bonus_is_the_mean_over_selected_tokens_for_per_sequence_losses(
     for coef in (0.0, 1.0):
         trainer = make_trainer(
             tiny_model_dir, prompt_dataset, tmp_path / str(coef), rows=2, loss_type="grpo", entropy_coef=coef,
-            top_entropy_quantile=1 / 3,
+            top_entropy_quantile=1 / 3, forking_ignore_zero_advantage=False,
         )  # fmt: skip
         _, _, step_losses, micro_batches = run_step(trainer, batch, monkeypatch)
         losses[coef] = step_losses[0].item()
@@ -225,7 +232,7 @@ def test_step_gradient_does_not_depend_on_gradient_accumulation(
     one, selected_one = split_gradients(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, 1, **options)
     four, selected_four = split_gradients(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, 4, **options)
     assert torch.equal(selected_one, selected_four)
-    assert selected_one.sum() == num_selected(int(batch.mask.sum()), RHO)
+    assert selected_one.sum() == num_selected(int(informative(batch).sum()), RHO)
     assert relative_difference(four, one) < 1e-6
 
 
@@ -273,7 +280,125 @@ def test_a_micro_batch_that_skipped_prepare_inputs_is_selected_on_its_own(
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, generation_output(batch))
     loss.backward()
-    selected = naive_top(batch.entropies, batch.mask, RHO)
+    selected = naive_top(batch.entropies, informative(batch), RHO)
     ref_logps = batch.logps.clone().requires_grad_(True)
     reference_loss("dapo", "selected", 0.0, 0.0, ref_logps, batch.entropies, batch, selected).backward()
     torch.testing.assert_close(logps.grad, ref_logps.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalization", ["selected", "all"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_zero_advantage_completions_compete_for_the_top_rho_as_in_trl_when_asked(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, loss_type, normalization
+):
+    # forking_ignore_zero_advantage=False: TRL's population, every valid token, the zero-advantage ones included.
+    batch = make_batch(rows=6, cols=5, seed=3)
+    batch.entropies[-1] = batch.entropies.max() + 1.0  # the zero-advantage completion holds the highest entropies
+    trainer = make_trainer(
+        tiny_model_dir, prompt_dataset, tmp_path, rows=6, loss_type=loss_type,
+        forking_loss_normalization=normalization, forking_ignore_zero_advantage=False,
+    )  # fmt: skip
+    logps, _, losses, micro_batches = run_step(trainer, batch, monkeypatch)
+    selected = selected_rows(micro_batches, batch.shape)
+    assert torch.equal(selected, naive_top(batch.entropies, batch.mask, RHO))
+    assert selected[-1].sum() == batch.mask[-1].sum()  # it took its slots, for nothing
+    ref_logps = batch.logps.clone().requires_grad_(True)
+    expected = reference_loss(loss_type, normalization, 0.0, 0.0, ref_logps, batch.entropies, batch, selected)
+    expected.backward()
+    torch.testing.assert_close(logps.grad, ref_logps.grad, rtol=1e-5, atol=1e-7)
+    # By default the same batch trains the top rho of the informative tokens instead, and divides by their count.
+    default = make_trainer(
+        tiny_model_dir, prompt_dataset, tmp_path / "default", rows=6, loss_type=loss_type,
+        forking_loss_normalization=normalization,
+    )  # fmt: skip
+    _, _, _, micro_batches = run_step(default, batch, monkeypatch)
+    assert torch.equal(selected_rows(micro_batches, batch.shape), naive_top(batch.entropies, informative(batch), RHO))
+    logged = default._metrics["train"]["forking/excluded_fraction"]
+    assert logged == [pytest.approx(float(batch.mask[-1].sum() / batch.mask.sum()))]
+
+
+# --- optimizer steps that span generation batches ---------------------------------------------------------------------
+
+# (steps_per_generation, gradient_accumulation_steps): TRL accepts spg below GA (a smaller generation batch to fit
+# rollout memory) and spg not a multiple of GA; the optimizer step then spans generation batches.
+SPLITS = [(spg, ga) for spg in (1, 2, 3) for ga in (2, 4)]
+ROWS_PER_MICRO_BATCH, SPLIT_ROWS = 2, 24  # 24 rows: whole generation batches and whole steps for every split
+
+
+def summed_gradient(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, spg, ga, **options):
+    trainer = make_trainer(
+        tiny_model_dir, prompt_dataset, tmp_path / f"spg{spg}-ga{ga}", rows=ROWS_PER_MICRO_BATCH * ga,
+        accumulation=ga, steps_per_generation=spg, **options,
+    )  # fmt: skip
+    logps, _, losses, micro_batches = run_steps(trainer, batch, monkeypatch, SPLIT_ROWS // (ROWS_PER_MICRO_BATCH * ga))
+    return logps.grad.clone(), losses, micro_batches
+
+
+@pytest.mark.parametrize("normalization", ["selected", "all"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+@pytest.mark.parametrize(("spg", "ga"), [split for split in SPLITS if split[0] != split[1]])
+def test_the_update_of_steps_spanning_generation_batches_is_that_of_whole_generation_batches(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, loss_type, normalization, spg, ga
+):
+    # The same 24 completions, trained as generation batches of spg micro-batches and as generation batches of one
+    # optimizer step each (spg = GA). Per-sequence selection and equal lengths make the masks and every part's count
+    # independent of the split, so TRL's own extrapolation (num_items * GA / spg) and ours are exact: the summed
+    # update must agree. Before the fix, spg = 1 and GA = 4 gave 4 times the update under "selected".
+    batch = make_batch(rows=SPLIT_ROWS, cols=5, seed=8, ragged=False)
+    batch.advantages[-1] = 0.5  # no zero-advantage completion: it would leave its part with fewer selected tokens
+    options = dict(loss_type=loss_type, forking_loss_normalization=normalization, forking_scope="sequence")
+    split, _, _ = summed_gradient(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, spg, ga, **options)
+    whole, _, _ = summed_gradient(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, ga, ga, **options)
+    assert whole.norm() > 0
+    assert relative_difference(split, whole) < 1e-6
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "cispo", "sapo", "vespo", "luspo"])
+def test_every_other_loss_type_is_split_independent_across_generation_batches(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, loss_type
+):
+    batch = make_batch(rows=SPLIT_ROWS, cols=5, seed=9, ragged=False)
+    batch.advantages[-1] = 0.5
+    options = dict(loss_type=loss_type, forking_scope="sequence")
+    split, _, _ = summed_gradient(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, 1, 4, **options)
+    whole, _, _ = summed_gradient(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, 4, 4, **options)
+    assert whole.norm() > 0
+    assert relative_difference(split, whole) < 1e-6
+
+
+@pytest.mark.parametrize(("spg", "ga"), SPLITS)
+def test_with_a_loss_of_one_per_token_every_optimizer_step_weighs_one(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, spg, ga
+):
+    # The issue's check, on ragged completions and the default scope "step": ratio 1 and advantage -1 make DAPO's
+    # per-token loss exactly 1, so a step's loss is the sum of its weights over its denominator. It must be 1 for
+    # every step, whether the step lies inside one generation batch or spans two (it was 4.0 at spg = 1, GA = 4;
+    # 1, 2, 1 at spg = 3, GA = 2).
+    batch = make_batch(rows=SPLIT_ROWS, cols=6, seed=10)
+    batch.old_logps = batch.logps.clone()
+    batch.advantages = -torch.ones(SPLIT_ROWS)
+    _, losses, micro_batches = summed_gradient(
+        tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, batch, spg, ga, loss_type="dapo"
+    )
+    per_step = torch.stack(losses).view(-1, ga).sum(-1)
+    torch.testing.assert_close(per_step, torch.ones_like(per_step), rtol=1e-6, atol=1e-6)
+    selected = sum(int(inputs["forking_mask"].sum()) for inputs in micro_batches)
+    assert selected >= num_selected(int(batch.mask.sum()), RHO)  # every part took its top rho (no empty part)
+
+
+def test_the_parts_of_a_step_spanning_generation_batches_draw_distinct_random_streams(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch
+):
+    # spg = 1, GA = 2: each optimizer step is two generation batches of one micro-batch. Equal lengths make both parts
+    # draw over the same layout, so one stream shared by the two parts would select the same positions in both.
+    batch = make_batch(rows=16, cols=5, seed=11, ragged=False)
+    batch.advantages = torch.ones(16)
+    trainer = make_trainer(
+        tiny_model_dir, prompt_dataset, tmp_path, rows=8, accumulation=2, steps_per_generation=1,
+        forking_selection="random", seed=3,
+    )  # fmt: skip
+    _, _, _, micro_batches = run_steps(trainer, batch, monkeypatch, steps=2)
+    masks = [inputs["forking_mask"] for inputs in micro_batches]
+    assert all(int(m.sum()) == num_selected(m.numel(), RHO) for m in masks)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[2], masks[3])
+    assert not torch.equal(masks[0], masks[2])  # and the next step draws another stream again

@@ -221,8 +221,29 @@ def test_forking_metrics_match_naive_computation():
     for p in (50, 80, 95):
         assert metrics[f"forking/entropy_p{p}"] == pytest.approx(values[math.ceil(p / 100 * n) - 1])
     assert metrics["forking/frac_entropy_below_0.01"] == pytest.approx(sum(v < 0.01 for v in values) / n)
+    assert metrics["forking/entropy_nonfinite"] == 0 and "forking/excluded_fraction" not in metrics
     empty = forking_metrics(entropies, torch.zeros_like(mask), torch.zeros_like(selected), 0.2)
+    assert empty.pop("forking/entropy_nonfinite") == 0
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_forking_metrics_leave_out_and_count_nonfinite_entropies_and_report_the_excluded_share():
+    # What a full-token run ("all") logs when some entropies are NaN: the figures of the finite ones, and how many
+    # were not. Row 5 is outside the population (a zero-advantage completion): 11 of the 66 completion tokens.
+    generator = torch.Generator().manual_seed(6)
+    entropies = torch.rand(6, 11, generator=generator)
+    entropies[1, 2], entropies[2, 5] = float("nan"), float("inf")
+    completion = torch.ones(6, 11, dtype=torch.bool)
+    population = completion.clone()
+    population[5] = False
+    metrics = forking_metrics(entropies, population, population, 1.0, completion_mask=completion)
+    finite = population & torch.isfinite(entropies)
+    assert metrics["forking/entropy_nonfinite"] == 2
+    assert metrics["forking/selected_fraction"] == 1.0
+    assert metrics["forking/entropy_selected_mean"] == pytest.approx(entropies[finite].mean().item())
+    values = sorted(entropies[finite].tolist())
+    assert metrics["forking/entropy_p50"] == pytest.approx(values[math.ceil(0.5 * len(values)) - 1])
+    assert metrics["forking/excluded_fraction"] == pytest.approx(11 / 66)
 
 
 # --- two processes (gloo) -------------------------------------------------------------------------------------------
@@ -275,6 +296,24 @@ def test_two_rank_mask_equals_single_process_mask_over_the_concatenation():
         else:
             assert results[0][index][1] is None and results[1][index][1] is None
     assert "NaN or infinite" in results[0][-1] and "NaN or infinite" in results[1][-1]
+    assert "huggingface/trl#7221" in results[0][-1]  # the message names the usual cause
+
+
+def _per_sequence_worker(rank, world, entropies):
+    try:
+        return forking_mask(entropies[rank], torch.ones(2, 3), 0.2, per_sequence=True, group=dist.group.WORLD)
+    except ValueError as error:
+        return str(error)
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_entropy_on_one_rank_stops_every_rank_under_per_sequence_selection():
+    # Rows are selected independently, but the check is collective: rank 0 must not go on into the next collective
+    # while rank 1 raises.
+    entropies = [torch.rand(2, 3), torch.rand(2, 3)]
+    entropies[1][1, 2] = float("inf")
+    results = run_on_ranks(_per_sequence_worker, 2, entropies)
+    assert all(isinstance(r, str) and "1 NaN or infinite value(s)" in r for r in results), results
 
 
 @pytest.mark.gpu

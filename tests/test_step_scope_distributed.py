@@ -33,17 +33,27 @@ def stub_trainer(rows, world, rank, accumulation, group):
         state=types.SimpleNamespace(global_step=0),
         _forking_generator=lambda stream, index: None,
     )
-    for name in ("_select", "_select_step", "_forking_metrics"):
+    for name in (
+        "_select",
+        "_select_step",
+        "_forking_metrics",
+        "_step_windows",
+        "_window_generator",
+        "_masks",
+        "_population",
+    ):
         setattr(stub, name, getattr(ForkingGRPOTrainer, name).__get__(stub))
     entropies, mask = rows
     per_rank = ROWS // world
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     row_ids = torch.arange(ROWS)[local]
+    advantages = torch.ones(ROWS)  # every completion informative: the population is the completion mask
     slices = [
-        {"forking_entropies": e, "completion_mask": m, "row_ids": r}
-        for e, m, r in zip(
+        {"forking_entropies": e, "completion_mask": m, "advantages": a, "row_ids": r}
+        for e, m, a, r in zip(
             entropies[local].chunk(accumulation),
             mask[local].chunk(accumulation),
+            advantages[local].chunk(accumulation),
             row_ids.chunk(accumulation),
             strict=True,
         )

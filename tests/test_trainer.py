@@ -301,9 +301,9 @@ def test_drop_in_plain_grpo_script_trains_and_changes_every_parameter(tiny_model
     step_tokens = []
     original = trainer._select_step
 
-    def record(slices, valid, members, scope, generator):
-        step_tokens.append(int(sum(valid[j].sum() for j in members)))
-        original(slices, valid, members, scope, generator)
+    def record(slices, completion, population, members, scope, generator):
+        step_tokens.append(int(sum(population[j].sum() for j in members)))
+        original(slices, completion, population, members, scope, generator)
 
     trainer._select_step = record
     trainer.train()

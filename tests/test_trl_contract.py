@@ -174,3 +174,35 @@ def test_the_entropy_bonus_state_the_correction_reads_exists(tiny_model_dir, pro
         "stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()",
         "the adaptive controller's window is pre-corrected by the difference of these statistics",
     )
+
+
+def test_with_liger_kernels_the_loss_still_goes_through_the_hook(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch):
+    # Canary: an older TRL's Liger loss ignored top_entropy_quantile altogether. TRL 1.16 applies only Liger's layer
+    # kernels (which need a GPU; stubbed here, recording the config it is asked for) and refuses the fused linear
+    # cross-entropy; the policy gradient must still be weighted by our hook.
+    import transformers.trainer
+    from fixed_batch import scripted_generate
+
+    applied = []
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: applied.append(config))
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", scripted_generate)
+    common = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, use_liger_kernel=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy"):
+        ForkingGRPOTrainer(
+            model=tiny_model_dir, reward_funcs=lambda completions, **k: [float(len(c)) for c in completions],
+            args=ForkingGRPOConfig(**common, liger_kernel_config={"fused_linear_cross_entropy": True}),
+            train_dataset=prompt_dataset,
+        )  # fmt: skip
+    trainer = ForkingGRPOTrainer(
+        model=tiny_model_dir, reward_funcs=lambda completions, **k: [float(len(set(c))) for c in completions],
+        args=ForkingGRPOConfig(**common), train_dataset=prompt_dataset,
+    )  # fmt: skip
+    weights = []
+    original = trainer._policy_gradient_weights
+    trainer._policy_gradient_weights = lambda *a: weights.append(original(*a)) or weights[-1]
+    trainer.train()
+    assert applied and all(config.get("fused_linear_cross_entropy") is False for config in applied)
+    assert weights and 0 < int((weights[0] > 0).sum()) < weights[0].numel()  # a top-rho share, weighted by us

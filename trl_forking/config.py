@@ -12,17 +12,25 @@ __all__ = ["LOSS_NORMALIZATIONS", "SCOPES", "ForkingGRPOConfig", "ForkingOptions
 
 SCOPES = ("step", "micro_batch", "local", "sequence")
 LOSS_NORMALIZATIONS = ("selected", "all")
-DEFAULTS = {"forking_selection": "top", "forking_scope": "step", "forking_loss_normalization": "selected"}
+DEFAULTS = {
+    "forking_selection": "top",
+    "forking_scope": "step",
+    "forking_loss_normalization": "selected",
+    "forking_ignore_zero_advantage": True,
+    "forking_refresh_entropies": False,
+}
 
 
 @dataclass(frozen=True)
 class ForkingOptions:
-    """The four forking-token options, validated; what the trainer reads whatever config class it was given."""
+    """The forking-token options, validated; what the trainer reads whatever config class it was given."""
 
     top_entropy_quantile: float = 0.2
     forking_selection: str = DEFAULTS["forking_selection"]
     forking_scope: str = DEFAULTS["forking_scope"]
     forking_loss_normalization: str = DEFAULTS["forking_loss_normalization"]
+    forking_ignore_zero_advantage: bool = DEFAULTS["forking_ignore_zero_advantage"]
+    forking_refresh_entropies: bool = DEFAULTS["forking_refresh_entropies"]
 
     def __post_init__(self):
         check_quantile(self.top_entropy_quantile, "top_entropy_quantile")
@@ -34,6 +42,9 @@ class ForkingOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+        for name in ("forking_ignore_zero_advantage", "forking_refresh_entropies"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.forking_selection == "bottom" and self.top_entropy_quantile == 1.0:
             raise ValueError(
                 "forking_selection='bottom' keeps the tokens outside the top rho, so top_entropy_quantile=1.0 would "
@@ -90,6 +101,24 @@ class ForkingGRPOConfig(GRPOConfig):
             "authors' code does) or 'all' (every completion token, as TRL does). Loss types without a token count in "
             "their denominator (dr_grpo, luspo) are the same under both.",
             "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+    forking_ignore_zero_advantage: bool = field(
+        default=DEFAULTS["forking_ignore_zero_advantage"],
+        metadata={
+            "help": "Leave completions whose advantage is exactly 0 (a group whose rewards are all equal) out of the "
+            "selection and of the 'selected' counts, as DAPO's dynamic sampling drops those groups before the paper "
+            "takes its top 20%. False keeps TRL's behaviour: they compete for the top-rho slots and count in the "
+            "denominator, though they contribute no gradient. The KL term is not affected."
+        },
+    )
+    forking_refresh_entropies: bool = field(
+        default=DEFAULTS["forking_refresh_entropies"],
+        metadata={
+            "help": "With steps_per_generation > gradient_accumulation_steps under scope 'step' or 'sequence': "
+            "re-select each optimizer step after the first of a rollout on the current policy's entropies (one "
+            "no-grad forward over that step's micro-batches), instead of the rollout policy's. The metric "
+            "forking/mask_overlap_current shows how much the two differ."
         },
     )
 

@@ -220,10 +220,7 @@ def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, gr
     hist = _all_reduce(hist, group)
     bad = int(hist[:_NONFINITE_BINS].sum() + hist[-_NONFINITE_BINS:].sum())
     if bad:
-        raise ValueError(
-            f"entropies contain {bad} NaN or infinite value(s) among the valid tokens (mask == 1); token entropies "
-            "must be finite. Check the logits (e.g. an fp16 overflow) or mask those positions out."
-        )
+        raise ValueError(_nonfinite_message(bad))
     total = int(hist.sum())
     if total == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -277,6 +274,16 @@ def _radix_select(values: torch.Tensor, valid: torch.Tensor | None, ranks_fn, gr
     # Undo the unsigned offset of the top digit to get back signed int32 keys.
     threshold = prefix - (1 << 31)
     return total, ks, threshold, above, in_bin, local_ties
+
+
+def _nonfinite_message(count: int) -> str:
+    """Returns the error for ``count`` valid tokens (over all ranks) whose entropy is NaN or infinite."""
+    return (
+        f"entropies contain {count} NaN or infinite value(s) among the valid tokens (mask == 1), over all ranks; a "
+        "top or bottom selection needs finite entropies. Usual causes: logits of -inf (a masked vocabulary: TRL's "
+        "fused LM head computes 0 * log 0 as NaN there, huggingface/trl#7221; trl_forking.entropy recomputes those "
+        "positions), NaN or inf logits (an fp16 overflow, a diverged model), or padding not masked out."
+    )
 
 
 def _prefix_over_ranks(count: torch.Tensor, group) -> torch.Tensor:
@@ -373,7 +380,7 @@ def forking_mask(
         quantile: rho in (0, 1].
         selection: one of ``SELECTIONS``.
         per_sequence: select top-rho within each row (``k_i = ceil(rho * n_i)``) instead of over all rows; rows are
-            independent, so ``group`` is not used.
+            independent, so ``group`` serves only to raise on every rank together on a non-finite entropy.
         group: a ``torch.distributed`` process group to pool the tokens of, or None for this process only. Every rank
             of the group must call this function; a rank with no valid tokens passes an empty or all-zero mask.
         generator: random source for ``"random"`` (on CPU); the default generator when None.
@@ -400,12 +407,14 @@ def forking_mask(
     if selection == "all":
         return valid.clone()
     if per_sequence:
-        nonfinite = int((~torch.isfinite(entropies.detach()) & valid).sum())
-        if nonfinite:
-            raise ValueError(f"entropies contain {nonfinite} NaN or infinite value(s) among the valid tokens.")
-        scores = entropies.detach().float()
         if selection == "random":
-            scores = torch.rand(scores.shape, generator=generator).to(scores.device)
+            scores = torch.rand(entropies.shape, generator=generator).to(entropies.device)
+        else:
+            scores = entropies.detach().float()
+            # Counted over the group so that every rank raises together (rows are independent otherwise).
+            nonfinite = _all_reduce((~torch.isfinite(scores) & valid).sum().reshape(1), group)
+            if int(nonfinite):
+                raise ValueError(_nonfinite_message(int(nonfinite)))
         return _per_sequence_top(scores, valid, quantile, selection)
     values, flat_valid = _flatten(entropies, valid)
     if selection == "random":

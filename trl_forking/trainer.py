@@ -14,6 +14,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .callbacks import ForkingStatsCallback
 from .config import ForkingGRPOConfig, ForkingOptions
+from .entropy import fill_nonfinite_entropies
 from .metrics import forking_metrics
 from .selection import forking_mask, num_selected
 
@@ -107,22 +108,44 @@ class ForkingGRPOTrainer(GRPOTrainer):
     - grpo, sapo: each sequence's selected tokens ``s_i`` (TRL: its tokens ``n_i``);
     - dr_grpo, luspo: unchanged (no token count in them).
 
+    When an optimizer step spans generation batches (``steps_per_generation`` below, or not a multiple of,
+    ``gradient_accumulation_steps``), the part of it in one generation batch, ``p`` of its ``GA`` micro-batches,
+    is selected on its own and stands for ``p / GA`` of the step: its counts are extrapolated to the step,
+    ``S_step ~ S_part * GA / p`` (and ``N_step`` likewise), as TRL extrapolates its own token count
+    (``num_items_in_batch * GA / spg``). With a loss of 1 on every selected token a step's weights then sum to 1
+    whatever the split; each part draws its own random-selection stream.
+
+    Completions whose advantage is exactly 0 (a group whose rewards are all equal) are left out of the selection
+    population and of the selected counts (``forking_ignore_zero_advantage``, on by default): DAPO's dynamic sampling
+    drops those groups before the paper takes its top 20%, and they contribute no policy gradient. TRL's own
+    denominators (``D_all``) and the KL term still count every completion token.
+
     The KL term keeps every completion token. An entropy bonus (``entropy_coef``) is the mean entropy of the selected
     tokens of each micro-batch under every loss type (TRL would weight it by ``w``; the difference is added back).
 
     Entropies for scope ``"step"`` (and ``"sequence"`` when available) come from the policy that generated the
     batch: read from TRL's old-log-prob forward when it runs one (vLLM importance sampling, ``num_iterations > 1``,
     ``steps_per_generation > gradient_accumulation_steps``), otherwise from one extra no-grad forward per generation
-    batch (about a third of a training forward + backward). The selection is then fixed before the training forward.
-    Scopes ``"micro_batch"`` and ``"local"`` use the training forward's entropies, as TRL and the authors' code do.
+    batch (about a third of a training forward + backward). The selection is then fixed before the training forward:
+    for the first optimizer step of a rollout those are the weights it trains; the later steps of a rollout
+    (``steps_per_generation > gradient_accumulation_steps``) select on a policy one or more updates old, unless
+    ``forking_refresh_entropies`` re-selects each of them on the current policy (one no-grad forward per step).
+    ``forking/mask_overlap_current`` measures the difference every step. Scopes ``"micro_batch"`` and ``"local"``
+    use the training forward's entropies, as TRL and the authors' code do.
+
+    Entropies that TRL's fused LM head returns as NaN where the logits hold -inf (a masked vocabulary,
+    huggingface/trl#7221) are recomputed from the model's logits (``trl_forking.entropy.fill_nonfinite_entropies``).
+    A top or bottom selection refuses other non-finite entropies on every rank; ``forking_selection="all"`` and
+    ``"random"`` train on, as TRL does, and ``forking/entropy_nonfinite`` counts them.
 
     A micro-batch that did not pass through ``_prepare_inputs`` (no ``forking_mask`` / ``forking_step_selected``
     keys, e.g. ``compute_loss`` called on the output of ``_generate_and_score_completions``) is selected on its own
     over all ranks, as scope ``"micro_batch"`` does, with the micro-batch's counts in place of the step's. Evaluation
     does the same (there is no accumulation in evaluation).
 
-    Random selection draws from a generator seeded by ``(seed, rank, optimizer step)`` (evaluation: its own stream),
-    so resuming from a checkpoint continues it exactly with no extra state, and evaluation never shifts it.
+    Random selection draws from a generator seeded by ``(seed, rank, optimizer step, part of the step)``
+    (evaluation: its own stream), so resuming from a checkpoint continues it exactly with no extra state, and
+    evaluation never shifts it.
 
     The constructor is GRPOTrainer's: swap the class name in an existing TRL script. A plain ``GRPOConfig`` works:
     its ``top_entropy_quantile`` is rho (TRL's default 1.0 trains on every token) and the other options take the
@@ -154,8 +177,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if self.forking.forking_scope == "step" and args.steps_per_generation % args.gradient_accumulation_steps:
             logger.warning(
                 f"forking_scope='step' with steps_per_generation={args.steps_per_generation} not a multiple of "
-                f"gradient_accumulation_steps={args.gradient_accumulation_steps}: an optimizer step that spans two "
-                "generation batches gets one threshold per generation batch."
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}: an optimizer step that spans "
+                "generation batches is selected part by part, one threshold per generation batch, each part "
+                "weighted by the share of the step it stands for (as TRL weights its token counts)."
             )
         self.top_entropy_quantile = min(self.forking.top_entropy_quantile, _HOOK_ALWAYS_ON)
         # The last micro-batch's completion_ids, entropies, mask and selected tokens, for callbacks and analysis.
@@ -164,6 +188,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._forking_capture = None
         self._forking_bonus_correction = None
         self._forking_eval_draws = 0
+        self._forking_generation_start = 0  # TRL's micro-step counter when the buffered generation batch was made
+        self._forking_warned_nonfinite = False
         # transformers never hands callbacks the trainer; give ours this one so `callbacks=[ForkingStatsCallback()]`
         # works as is.
         for callback in self.callback_handler.callbacks:
@@ -200,26 +226,74 @@ class ForkingGRPOTrainer(GRPOTrainer):
             generator=generator,
         )
 
-    def _forking_metrics(self, entropies, valid, selected) -> dict[str, float]:
-        return forking_metrics(entropies, valid, selected, self.forking.top_entropy_quantile, self._forking_group)
+    def _forking_metrics(self, entropies, population, selected, completion) -> dict[str, float]:
+        return forking_metrics(
+            entropies, population, selected, self.forking.top_entropy_quantile, self._forking_group, completion
+        )
 
     def _log_forking_metrics(self, metrics: dict[str, float], mode: str) -> None:
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
 
+    def _population(self, mask: torch.Tensor, advantages: torch.Tensor | None) -> torch.Tensor:
+        """Returns the (B, T) bool selection population: the loss ``mask`` (completion times tool mask) without the
+        completions whose ``advantages`` ((B,) or (B, T)) are exactly 0, unless ``forking_ignore_zero_advantage`` is
+        off."""
+        valid = mask.bool()
+        if not self.forking.forking_ignore_zero_advantage or advantages is None:
+            return valid
+        informative = advantages != 0
+        return valid & (informative.unsqueeze(-1) if informative.dim() == 1 else informative)
+
     def _needs_generation_entropies(self) -> bool:
         """Whether the selection is made per generation batch, before the training forward."""
         return self.forking.forking_scope in ("step", "sequence") and self.forking.forking_selection != "all"
 
-    def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
-        if self._forking_capture is _CAPTURE_PENDING and model is self.model:
-            # TRL's fused head computes the entropy in the same pass; keep it instead of running another forward.
-            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-                model, *args, compute_entropy=True, **kwargs
-            )
+    def _refreshes_entropies(self) -> bool:
+        """Whether the optimizer steps after the first of a rollout are re-selected on the current policy."""
+        return (
+            self.forking.forking_refresh_entropies
+            and self._needs_generation_entropies()
+            and self.forking.forking_selection in ("top", "bottom")
+            and self.args.steps_per_generation > self.args.gradient_accumulation_steps
+        )
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=False, **kwargs
+    ):
+        capture = self._forking_capture is _CAPTURE_PENDING and model is self.model
+        # TRL's fused head computes the entropy in the same pass; keep it instead of running another forward.
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            *args,
+            compute_entropy=compute_entropy or capture,
+            **kwargs,
+        )
+        if entropies is not None:
+            entropies = self._finite_entropies(model, input_ids, attention_mask, logits_to_keep, entropies)
+        if capture:
             self._forking_capture = entropies
             return logps, entropies if compute_entropy else None, aux
-        return super()._get_per_token_logps_and_entropies(model, *args, compute_entropy=compute_entropy, **kwargs)
+        return logps, entropies, aux
+
+    def _finite_entropies(self, model, input_ids, attention_mask, logits_to_keep, entropies):
+        """Returns ``entropies`` with the NaN that TRL's fused head gives next to -inf logits recomputed (the
+        module docstring of ``trl_forking.entropy``); values elsewhere, and their gradient, unchanged."""
+        first = input_ids.size(1) - logits_to_keep - 1  # the position whose logits predict the first completion token
+        filled, count = fill_nonfinite_entropies(model, input_ids, attention_mask, entropies, first, self.temperature)
+        if not count:
+            return entropies
+        if not self._forking_warned_nonfinite:
+            self._forking_warned_nonfinite = True
+            logger.warning(
+                f"{count} completion token(s) got a non-finite entropy from TRL's fused LM head (NaN next to -inf "
+                "logits, huggingface/trl#7221); recomputing them from the model's logits, one extra forward per "
+                "affected completion. Shown once."
+            )
+        return torch.where(torch.isfinite(entropies), entropies, filled)
 
     def _generate_and_score_completions(self, inputs):
         if not (self.model.training and self._needs_generation_entropies()):
@@ -258,66 +332,136 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
-        if self.model.training and self._buffered_inputs is not buffered:
-            self._select_generation_batch(self._buffered_inputs)
+        if self.model.training:
+            if self._buffered_inputs is not buffered:
+                self._select_generation_batch(self._buffered_inputs)
+            elif self._refreshes_entropies() and self._step % self.args.gradient_accumulation_steps == 0:
+                self._refresh_step(self._buffered_inputs)
         return inputs
+
+    def _step_windows(self, count: int, start: int) -> dict[int, list[int]]:
+        """Returns ``{optimizer step window: [micro-batch j, ...]}`` for the ``count`` micro-batches of a generation
+        batch made at micro-step ``start``.
+
+        Micro-batch j is first trained at micro-step ``t_j = s + ((j - s) mod spg)`` (TRL indexes the buffer by
+        ``step % spg``); micro-batches with the same ``t_j // GA`` belong to one optimizer step. A window with fewer
+        than GA members is the part of a step that spans generation batches.
+        """
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        windows: dict[int, list[int]] = {}
+        for j in range(count):
+            windows.setdefault((start + (j - start) % spg) // ga, []).append(j)
+        return windows
+
+    def _window_generator(self, window: int, members: list[int], start: int) -> torch.Generator | None:
+        """Returns the random-selection generator of the part ``members`` of optimizer step ``window``: one stream per
+        (optimizer step, position of the part's first micro-batch in the step), counted from the start of training
+        (resume included)."""
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        step = self.state.global_step + window - start // ga
+        offset = (start + (members[0] - start) % spg) % ga
+        return self._forking_generator("step", f"{step}.{offset}")
 
     def _select_generation_batch(self, slices: list[dict]) -> None:
         """Adds to each micro-batch of a new generation batch its forking mask (when known now), the numbers of
-        valid and selected tokens of its optimizer step over all ranks (``forking_step_valid``,
-        ``forking_step_selected``: the denominators) and, on one micro-batch per step, that step's forking metrics.
+        completion and selected tokens of its optimizer step over all ranks (``forking_step_valid``,
+        ``forking_step_selected``: the denominators, extrapolated to the whole step for the part of a step that
+        spans generation batches) and, on one micro-batch per step, that step's forking metrics.
 
-        Micro-batch j is first trained at micro-step ``t_j = s + ((j - s) mod spg)`` (TRL indexes the buffer by
-        ``step % spg``); micro-batches with the same ``t_j // GA`` form one optimizer step, whose tokens on every rank
-        share one threshold under scope "step".
+        Under scope "step" the tokens of one optimizer step (one window of ``_step_windows``) on every rank share one
+        threshold.
         """
         scope, selection, rho = (
             self.forking.forking_scope,
             self.forking.forking_selection,
             self.forking.top_entropy_quantile,
         )
-        spg, ga, start = self.args.steps_per_generation, self.args.gradient_accumulation_steps, self._step
-        valid = [
-            (s["completion_mask"] * s["tool_mask"] if "tool_mask" in s else s["completion_mask"]).bool() for s in slices
-        ]
-        windows: dict[int, list[int]] = {}
-        for j in range(len(slices)):
-            windows.setdefault((start + (j - start) % spg) // ga, []).append(j)
+        ga, start = self.args.gradient_accumulation_steps, self._step
+        self._forking_generation_start = start
+        completion, population = self._masks(slices)
+        windows = self._step_windows(len(slices), start)
 
         if "forking_entropies" in slices[0]:
             for window, members in windows.items():
-                # The optimizer step this window trains at, counted from the start of training (resume included).
-                step = self.state.global_step + window - start // ga
-                self._select_step(slices, valid, members, scope, self._forking_generator("step", str(step)))
+                generator = self._window_generator(window, members, start)
+                self._select_step(slices, completion, population, members, scope, generator)
 
-        device = valid[0].device
-        local_counts = torch.stack([v.sum() for v in valid]).to(device)
+        device = completion[0].device
+        local_counts = torch.stack([c.sum() for c in completion]).to(device)
+        local_population = torch.stack([p.sum() for p in population]).to(device)
         if "forking_mask" in slices[0]:
             local_selected = torch.stack([s["forking_mask"].sum() for s in slices])
         elif scope == "sequence":
-            local_selected = torch.stack([num_selected(v.sum(-1), rho, selection).sum() for v in valid])
+            local_selected = torch.stack([num_selected(p.sum(-1), rho, selection).sum() for p in population])
         else:  # local, or micro_batch (recomputed below from global counts)
-            local_selected = num_selected(local_counts, rho, selection)
-        totals = torch.stack([local_counts, local_selected.to(device)])
+            local_selected = num_selected(local_population, rho, selection)
+        totals = torch.stack([local_counts, local_selected.to(device), local_population])
         if self._forking_group is not None:
             dist.all_reduce(totals, group=self._forking_group)
-        per_slice_selected = num_selected(totals[0], rho, selection) if scope == "micro_batch" else totals[1]
+        per_slice_selected = num_selected(totals[2], rho, selection) if scope == "micro_batch" else totals[1]
         for members in windows.values():
-            step_valid, step_selected = totals[0][members].sum(), per_slice_selected[members].sum()
+            # p of the step's GA micro-batches stand for p / GA of it: their counts, extrapolated to the step.
+            scale = ga / len(members)
+            step_valid = totals[0][members].sum().double() * scale
+            step_selected = per_slice_selected[members].sum().double() * scale
             for j in members:
                 slices[j]["forking_step_valid"] = step_valid
                 slices[j]["forking_step_selected"] = step_selected
 
-    def _select_step(self, slices, valid, members, scope, generator) -> None:
+    def _masks(self, slices: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns each micro-batch's (B, T) bool completion mask (times the tool mask) and selection population."""
+        completion = [
+            (s["completion_mask"] * s["tool_mask"] if "tool_mask" in s else s["completion_mask"]).bool() for s in slices
+        ]
+        population = [self._population(c, s.get("advantages")) for c, s in zip(completion, slices, strict=True)]
+        return completion, population
+
+    def _select_step(self, slices, completion, population, members, scope, generator) -> None:
         """Adds ``forking_mask`` to the micro-batches ``members`` of one optimizer step, selected over all of them
         (and all ranks), and the step's metrics to the first of them."""
         entropies = torch.cat([slices[j]["forking_entropies"] for j in members])
-        mask = torch.cat([valid[j] for j in members])
+        mask = torch.cat([population[j] for j in members])
         selected = self._select(entropies, mask, scope, generator)
         # Logged when the step trains (see get_high_entropy_mask), so each logging step reports its own steps.
-        slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected)
-        for j, part in zip(members, selected.split([valid[j].size(0) for j in members]), strict=True):
+        step_completion = torch.cat([completion[j] for j in members])
+        slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected, step_completion)
+        for j, part in zip(members, selected.split([population[j].size(0) for j in members]), strict=True):
             slices[j]["forking_mask"] = part
+
+    def _refresh_step(self, slices: list[dict]) -> None:
+        """Re-selects the optimizer step that starts at this micro-step on the current policy's entropies (one
+        no-grad forward over the step's micro-batches on each rank). Its counts, and so its denominators, stay."""
+        start, ga = self._forking_generation_start, self.args.gradient_accumulation_steps
+        window = self._step // ga
+        members = self._step_windows(len(slices), start).get(window)
+        if not members:  # a later pass over the buffer (num_iterations > 1): its windows were laid out for the first
+            return
+        for j in members:
+            slices[j]["forking_entropies"] = self._entropy_forward(slices[j])
+        completion, population = self._masks(slices)
+        generator = self._window_generator(window, members, start)
+        self._select_step(slices, completion, population, members, self.forking.forking_scope, generator)
+
+    def _overlap_with_current(self, entropies, population, selected) -> float:
+        """Returns ``|M & C| / |M|`` over all ranks: ``M`` the micro-batch's precomputed selection, ``C`` as many of
+        its population's tokens (per completion under scope "sequence") chosen by the same rule from the training
+        forward's ``entropies``, the current policy's. 1.0: the precomputed mask is what the current policy would
+        select (at micro-batch granularity)."""
+        sign = 1.0 if self.forking.forking_selection == "top" else -1.0
+        scores = (sign * entropies.detach().float()).masked_fill(~population, float("-inf"))
+        if self.forking.forking_scope == "sequence":
+            order = scores.argsort(dim=-1, descending=True, stable=True)
+            ranks = torch.empty_like(order)
+            ranks.scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+            current = ranks < selected.sum(-1, keepdim=True)
+        else:
+            flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+            flat[scores.flatten().topk(int(selected.sum())).indices] = True
+            current = flat.view_as(selected)
+        counts = torch.stack([(current & selected & population).sum(), selected.sum()]).double()
+        if self._forking_group is not None:
+            dist.all_reduce(counts, group=self._forking_group)
+        return float(counts[0] / counts[1]) if counts[1] else math.nan
 
     # --- loss -----------------------------------------------------------------------------------------------------
 
@@ -358,6 +502,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """Returns the (B, T) float weights ``m * r`` for one micro-batch and publishes it in ``forking_last_batch``."""
         mode = "train" if self.model.training else "eval"
         valid = mask.bool()
+        population = self._population(mask, inputs.get("advantages"))
         selected = inputs.get("forking_mask") if mode == "train" else None
         if selected is None:
             scope = "micro_batch" if self.forking.forking_scope == "step" else self.forking.forking_scope
@@ -372,16 +517,19 @@ class ForkingGRPOTrainer(GRPOTrainer):
             else:
                 self._forking_eval_draws += 1
                 generator = self._forking_generator("eval", str(self._forking_eval_draws))
-            selected = self._select(scores, valid, scope, generator)
-            self._log_forking_metrics(self._forking_metrics(scores, valid, selected), mode)
+            selected = self._select(scores, population, scope, generator)
+            self._log_forking_metrics(self._forking_metrics(scores, population, selected, valid), mode)
         else:
             scores = inputs["forking_entropies"]
             if "forking_step_metrics" in inputs:
                 self._log_forking_metrics(inputs["forking_step_metrics"], mode)
+            if self.forking.forking_selection in ("top", "bottom"):
+                overlap = self._overlap_with_current(entropies, population, selected)
+                self._log_forking_metrics({"forking/mask_overlap_current": overlap}, mode)
         self.forking_last_batch = {
             "completion_ids": inputs["completion_ids"],
             "entropies": scores,
-            "mask": valid,
+            "mask": population,
             "selected": selected,
         }
         weights = selected.to(torch.float32)

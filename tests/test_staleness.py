@@ -1,0 +1,87 @@
+"""Scope "step" with several optimizer steps per rollout: the mask of a later step is the rollout policy's unless
+``forking_refresh_entropies`` re-selects it on the current one, and ``forking/mask_overlap_current`` says how far
+apart the two are."""
+
+import pytest
+from fixed_batch import scripted_generate
+from trl import GRPOTrainer
+
+from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
+
+STEPS_PER_ROLLOUT = 4
+
+
+def reward(completions, **kwargs):
+    return [float(len(set(c))) + 0.01 * len(c) for c in completions]
+
+
+def train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overrides):
+    """Returns (trainer, per-step overlaps, extra entropy forwards) of one rollout trained in 4 optimizer steps."""
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", scripted_generate)
+    args = ForkingGRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        steps_per_generation=STEPS_PER_ROLLOUT,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=STEPS_PER_ROLLOUT,
+        learning_rate=3e-2,  # a policy that moves within one rollout
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        **overrides,
+    )
+    trainer = ForkingGRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=args, train_dataset=prompt_dataset)
+    calls = []
+    original = trainer._entropy_forward
+    trainer._entropy_forward = lambda batch: calls.append(1) or original(batch)
+    trainer.train()
+    overlaps = [e["forking/mask_overlap_current"] for e in trainer.state.log_history if "forking/threshold" in e]
+    return trainer, overlaps, len(calls)
+
+
+def test_a_later_step_of_a_rollout_selects_on_older_entropies_and_the_overlap_shows_it(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch
+):
+    _, overlaps, extra = train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch)
+    assert len(overlaps) == STEPS_PER_ROLLOUT
+    # Step 1 trains the weights that generated the rollout: its mask is what the current policy selects.
+    assert overlaps[0] == pytest.approx(1.0)
+    # Later steps select on entropies one or more updates old; the metric is a share and moves off 1.
+    assert all(0.0 <= value <= 1.0 for value in overlaps) and min(overlaps[1:]) < 1.0
+    assert extra == 0  # the entropies came with TRL's old-log-prob pass (spg > GA): no forward of our own
+
+
+def test_refreshing_reselects_every_later_step_on_the_current_policy(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch
+):
+    stale, _, _ = train(tiny_model_dir, prompt_dataset, tmp_path / "stale", monkeypatch)
+    trainer, overlaps, extra = train(
+        tiny_model_dir, prompt_dataset, tmp_path / "fresh", monkeypatch, forking_refresh_entropies=True
+    )
+    assert overlaps == pytest.approx([1.0] * STEPS_PER_ROLLOUT, abs=1e-6)
+    assert extra == STEPS_PER_ROLLOUT - 1  # one no-grad forward per step after the first of the rollout
+
+    def logged(run, name):
+        return [e[name] for e in run.state.log_history if "forking/threshold" in e]
+
+    # The same rollout, so the same counts (exactly ceil(rho * N) per step) and denominators; other tokens.
+    assert logged(trainer, "forking/selected_fraction") == logged(stale, "forking/selected_fraction")
+    assert logged(trainer, "forking/threshold")[1:] != logged(stale, "forking/threshold")[1:]
+
+
+def test_refreshing_is_a_no_op_where_every_step_has_its_own_rollout(
+    tiny_model_dir, prompt_dataset, tmp_path, monkeypatch
+):
+    # spg == GA: each step's entropies are already the current policy's.
+    args = dict(steps_per_generation=1, forking_refresh_entropies=True)
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", scripted_generate)
+    config = ForkingGRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+        max_steps=2, report_to="none", save_strategy="no", use_cpu=True, bf16=False, **args,
+    )  # fmt: skip
+    trainer = ForkingGRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=config, train_dataset=prompt_dataset)
+    assert not trainer._refreshes_entropies()
