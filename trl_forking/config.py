@@ -18,6 +18,8 @@ DEFAULTS = {
     "forking_loss_normalization": "selected",
     "forking_ignore_zero_advantage": True,
     "forking_refresh_entropies": False,
+    "forking_compact_lm_head": True,
+    "forking_trim_padding": True,
 }
 
 
@@ -31,6 +33,8 @@ class ForkingOptions:
     forking_loss_normalization: str = DEFAULTS["forking_loss_normalization"]
     forking_ignore_zero_advantage: bool = DEFAULTS["forking_ignore_zero_advantage"]
     forking_refresh_entropies: bool = DEFAULTS["forking_refresh_entropies"]
+    forking_compact_lm_head: bool = DEFAULTS["forking_compact_lm_head"]
+    forking_trim_padding: bool = DEFAULTS["forking_trim_padding"]
 
     def __post_init__(self):
         check_quantile(self.top_entropy_quantile, "top_entropy_quantile")
@@ -42,7 +46,12 @@ class ForkingOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
-        for name in ("forking_ignore_zero_advantage", "forking_refresh_entropies"):
+        for name in (
+            "forking_ignore_zero_advantage",
+            "forking_refresh_entropies",
+            "forking_compact_lm_head",
+            "forking_trim_padding",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.forking_selection == "bottom" and self.top_entropy_quantile == 1.0:
@@ -119,6 +128,25 @@ class ForkingGRPOConfig(GRPOConfig):
             "re-select each optimizer step after the first of a rollout on the current policy's entropies (one "
             "no-grad forward over that step's micro-batches), instead of the rollout policy's. The metric "
             "forking/mask_overlap_current shows how much the two differ."
+        },
+    )
+    forking_compact_lm_head: bool = field(
+        default=DEFAULTS["forking_compact_lm_head"],
+        metadata={
+            "help": "Project the LM head in the training forward and backward only at the selected tokens, where "
+            "that is exact: beta = 0 (no KL), the selection known before the forward (scope 'step' or 'sequence'), "
+            "token-level importance ratios (not luspo / vespo / importance_sampling_level='sequence') and no "
+            "off-policy mask. Ignored elsewhere. The gradient is the same; TRL's 'entropy' and 'clip_ratio' "
+            "metrics then read the other tokens from the rollout pass (docs/performance.md)."
+        },
+    )
+    forking_trim_padding: bool = field(
+        default=DEFAULTS["forking_trim_padding"],
+        metadata={
+            "help": "Cut each training micro-batch to its longest completion before the forward: TRL pads every "
+            "micro-batch to the longest completion of its generation batch. Exact (padding never reaches a "
+            "causal LM's earlier positions, and no loss type's denominator counts padding); skipped for inputs "
+            "that span prompt and completion (multimodal token_type_ids)."
         },
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -27,6 +28,22 @@ logger = logging.get_logger(__name__)
 _HOOK_ALWAYS_ON = math.nextafter(1.0, 0.0)
 # Marks a generation pass whose first policy forward (TRL's old log-probs) should hand us its entropies.
 _CAPTURE_PENDING = object()
+# The (B, T) completion tensors of a micro-batch, TRL's and ours: what trimming cuts to the longest completion.
+_COMPLETION_KEYS = (
+    "completion_ids",
+    "completion_mask",
+    "tool_mask",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "importance_sampling_ratio",
+    "forking_mask",
+    "forking_entropies",
+)
+# Inputs that span prompt and completion (multimodal): a micro-batch holding one is not trimmed.
+_SPANNING_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Loss types whose importance weight is built from every token of a sequence: the compact forward would change it.
+_SEQUENCE_RATIO_LOSSES = ("luspo", "vespo")
 # The model inputs besides ids and masks that TRL's loss forwards pass on (multimodal models).
 _FORWARD_KEYS = (
     "pixel_values",
@@ -88,6 +105,28 @@ PG_NORMALIZER_RATIOS = {
 }
 # Loss types whose D_all is TRL's estimate of the optimizer step's tokens, ``num_items_in_batch * GA / spg``.
 _GENERATION_BATCH_NORMALIZED = ("dapo", "cispo", "vespo")
+
+
+@contextlib.contextmanager
+def _compact_on_cpu():
+    """Lets TRL's fused LM head project only the labelled positions on the CPU too, for the calls inside.
+
+    TRL compacts on Triton devices (CUDA, XPU) and projects every position elsewhere, to keep tile shapes fixed for
+    compilers such as Neuron's; in eager CPU mode compacting is as exact and saves the same work. TRL decides with
+    ``trl.trainer.utils._use_triton`` (its kernels pick their own path by another reference, which is left alone);
+    without it the head runs as TRL runs it, still exact.
+    """
+    from trl.trainer import utils
+
+    original = getattr(utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        utils._use_triton = original
 
 
 class ForkingGRPOTrainer(GRPOTrainer):
@@ -189,6 +228,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._forking_bonus_correction = None
         self._forking_eval_draws = 0
         self._forking_generation_start = 0  # TRL's micro-step counter when the buffered generation batch was made
+        self._forking_compacts = self._compact_is_exact()
+        self._forking_full_head = False
         self._forking_warned_nonfinite = False
         # transformers never hands callbacks the trainer; give ours this one so `callbacks=[ForkingStatsCallback()]`
         # works as is.
@@ -258,9 +299,52 @@ class ForkingGRPOTrainer(GRPOTrainer):
             and self.args.steps_per_generation > self.args.gradient_accumulation_steps
         )
 
+    def _compact_is_exact(self) -> bool:
+        """Whether the training forward may project the LM head at the selected tokens only: nothing else in the loss
+        reads another token's log-prob or entropy (``forking_compact_lm_head``'s conditions)."""
+        return (
+            self.forking.forking_compact_lm_head
+            and self.beta == 0.0
+            and self._needs_generation_entropies()
+            and self.loss_type not in _SEQUENCE_RATIO_LOSSES
+            and self.importance_sampling_level == "token"
+            and self.off_policy_mask_threshold is None
+            and not self.aux_loss_enabled
+        )
+
+    def _staleness_possible(self) -> bool:
+        """Whether a precomputed mask can be older than the policy it trains: several optimizer steps per rollout."""
+        return (
+            self.args.steps_per_generation > self.args.gradient_accumulation_steps or self.num_iterations > 1
+        ) and self.forking.forking_selection in ("top", "bottom")
+
+    def _samples_staleness(self) -> bool:
+        """Whether this micro-batch measures ``forking/mask_overlap_current``: the first of each logged optimizer
+        step, when staleness is possible. It needs every position's current entropy, so it skips the compact head."""
+        logging_steps = getattr(self.state, "logging_steps", None) or 1
+        return (
+            self._staleness_possible()
+            and self._step % self.args.gradient_accumulation_steps == 0
+            and (self.state.global_step + 1) % logging_steps == 0
+        )
+
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=False, **kwargs
     ):
+        inputs = self._forking_inputs
+        if inputs is not None:  # the training (or evaluation) forward inside compute_loss
+            compact = (
+                self._forking_compacts
+                and self.model.training
+                and "forking_mask" in inputs
+                and not self._samples_staleness()
+                and not args
+                and not kwargs.get("compute_aux_loss")
+                and all(v is None for k, v in kwargs.items() if k not in ("batch_size", "compute_aux_loss"))
+            )
+            if compact:
+                return self._compact_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, inputs)
+            self._forking_full_head = True
         capture = self._forking_capture is _CAPTURE_PENDING and model is self.model
         # TRL's fused head computes the entropy in the same pass; keep it instead of running another forward.
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(
@@ -278,6 +362,31 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self._forking_capture = entropies
             return logps, entropies if compute_entropy else None, aux
         return logps, entropies, aux
+
+    def _compact_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, inputs):
+        """Returns TRL's ``(logps, entropies, None)`` for a training micro-batch from a forward whose LM head projects
+        only the selected completion tokens.
+
+        Those get the policy's log-prob and entropy, with their gradient. The others, which the loss weights by 0,
+        get the old log-prob (so the importance ratio is exactly 1: a 0 there would give ``exp(0 - old)``, which
+        overflows where ``old < -88``) and the rollout pass's entropy (so TRL's ``entropy`` metric still covers every
+        token). The body of the model still runs over every position; only the ``(positions, vocabulary)`` work
+        shrinks, to the selected share.
+        """
+        selected = inputs["forking_mask"]
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        labels[:, -logits_to_keep:] = labels[:, -logits_to_keep:].masked_fill(~selected, -100)
+        with self.accelerator.autocast(), _compact_on_cpu():
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        logps, entropies = outputs.log_probs[:, -logits_to_keep:], outputs.entropy[:, -logits_to_keep:]
+        entropies = torch.where(selected, entropies, 0.0)  # 0 where not projected, then NaN only where TRL made one
+        entropies = self._finite_entropies(model, input_ids, attention_mask, logits_to_keep, entropies)
+        old = inputs.get("old_per_token_logps")
+        old = torch.zeros_like(logps) if old is None else old.to(logps.dtype)  # TRL's old is then logps.detach()
+        logps = torch.where(selected, logps, old)
+        entropies = torch.where(selected, entropies, inputs["forking_entropies"].to(entropies.dtype))
+        return logps, entropies, None
 
     def _finite_entropies(self, model, input_ids, attention_mask, logits_to_keep, entropies):
         """Returns ``entropies`` with the NaN that TRL's fused head gives next to -inf logits recomputed (the
@@ -337,7 +446,28 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 self._select_generation_batch(self._buffered_inputs)
             elif self._refreshes_entropies() and self._step % self.args.gradient_accumulation_steps == 0:
                 self._refresh_step(self._buffered_inputs)
+            inputs = self._trimmed(inputs)
         return inputs
+
+    def _trimmed(self, inputs: dict) -> dict:
+        """Returns ``inputs`` cut to its longest completion (``forking_trim_padding``): a shallow copy whose (B, T)
+        completion tensors keep their first ``t`` columns, ``t`` the last position any row's completion mask holds
+        (at least 1). The buffered generation batch keeps its width; inputs that span prompt and completion
+        (``_SPANNING_KEYS``) are returned as they are."""
+        if not self.forking.forking_trim_padding or any(inputs.get(key) is not None for key in _SPANNING_KEYS):
+            return inputs
+        mask = inputs["completion_mask"]
+        width = mask.size(1)
+        columns = mask.bool().any(0).nonzero()
+        keep = int(columns.max()) + 1 if columns.numel() else 1
+        if keep == width:
+            return inputs
+        trimmed = dict(inputs)
+        for key in _COMPLETION_KEYS:
+            value = inputs.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(1) == width:
+                trimmed[key] = value[:, :keep]
+        return trimmed
 
     def _step_windows(self, count: int, start: int) -> dict[int, list[int]]:
         """Returns ``{optimizer step window: [micro-batch j, ...]}`` for the ``count`` micro-batches of a generation
@@ -468,6 +598,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         coef = self._entropy_bonus_coef()  # read before TRL's adaptive controller updates it
         self._forking_inputs, self._forking_bonus_correction = inputs, None
+        self._forking_full_head = False  # set by the forward when it projects every position
         try:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
@@ -523,7 +654,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             scores = inputs["forking_entropies"]
             if "forking_step_metrics" in inputs:
                 self._log_forking_metrics(inputs["forking_step_metrics"], mode)
-            if self.forking.forking_selection in ("top", "bottom"):
+            if self._staleness_possible() and self._forking_full_head:
                 overlap = self._overlap_with_current(entropies, population, selected)
                 self._log_forking_metrics({"forking/mask_overlap_current": overlap}, mode)
         self.forking_last_batch = {
