@@ -74,6 +74,16 @@ def test_qwen_recipe_parses_with_the_paper_settings(path):
     assert args.steps_per_generation // args.gradient_accumulation_steps == 16
 
 
+@pytest.mark.parametrize("path", QWEN_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_qwen_recipe_neither_floods_the_logs_nor_fills_the_disk(path):
+    _, args, _ = _parse("--config", path)
+    # TRL's completion log is a deque of generation_batch_size rows (the whole rollout) that every log call writes to
+    # a parquet file and prints: with logging_steps 1, the same 8,192 completions 16 times per rollout.
+    assert not args.log_completions
+    # A ZeRO-3 checkpoint of these models is 115 to 459 GB, saved every 50 steps: only the newest few may stay.
+    assert args.save_strategy == "steps" and args.save_total_limit is not None and 1 <= args.save_total_limit <= 3
+
+
 def test_demo_recipe_parses_into_a_cpu_run():
     script_args, args, model_args = _parse("--config", DEMO)
     assert model_args.model_name_or_path is None and script_args.dataset_name is None  # base model, bundled task
