@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, ScriptArguments, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 from trl_forking.base_model import BaseModelRecipe, build_base_model
@@ -34,7 +34,14 @@ from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
 from trl_forking.run_dir import check_output_dir, resolve_resume
 from trl_forking.task import TASK_NAME, load_task
-from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
+from trl_forking.usage import (
+    UsageError,
+    check_data_source,
+    check_model,
+    check_quantization,
+    exit_on_usage_error,
+    input_errors,
+)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
@@ -127,6 +134,7 @@ def check_inputs(
             )
     else:
         base_model_recipe(script_args.base_model_recipe)
+    check_quantization(model_args)
     if script_args.dataset_name is not None:
         check_data_source(script_args.dataset_name, "dataset_name")
     if script_args.eval_num_samples < 0:
@@ -222,6 +230,8 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             reward_funcs=reward_funcs,
             args=training_args,
             train_dataset=dataset,
+            # --load_in_4bit / --load_in_8bit, as TRL's own trl/scripts/grpo.py passes them (QLoRA with --use_peft).
+            quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
     use_compact_log(trainer)

@@ -146,6 +146,55 @@ def test_a_fresh_run_stops_before_loading_anything_when_its_output_dir_holds_che
     assert resumed[1].resume_from_checkpoint == str(tmp_path / "checkpoint-2")
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--load_in_4bit", "true", "--bnb_4bit_quant_type", "fp4"), {"load_in_4bit": True, "quant_type": "fp4"}),
+        (("--load_in_8bit", "true"), {"load_in_8bit": True}),
+        ((), None),
+    ],
+    ids=["4bit", "8bit", "none"],
+)
+def test_quantization_flags_reach_the_trainer_through_trls_helper(
+    tmp_path, tiny_model_dir, monkeypatch, flags, expected
+):
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+    from trl import GRPOTrainer
+
+    script = _script()
+    argv = ["--model_name_or_path", tiny_model_dir, "--use_peft", "true", "--dtype", "bfloat16", *flags]
+    parsed = _parse(*argv, "--output_dir", str(tmp_path), "--eval_num_samples", "0", default_config=DEMO)
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def trainer(**kwargs):
+        seen.update(kwargs)
+        raise Built  # bitsandbytes cannot load a model here; what the trainer is given is the claim
+
+    monkeypatch.setattr(script, "ForkingGRPOTrainer", trainer)
+    monkeypatch.setattr(script, "get_peft_config", lambda model_args: "adapters")  # peft is not a test dependency
+    with pytest.raises(Built):
+        script.main(*parsed)
+    # GRPOTrainer passes quantization_config to from_pretrained for a model given by name (trl/scripts/grpo.py).
+    assert "quantization_config" in inspect.signature(GRPOTrainer.__init__).parameters
+    assert seen["model"] == tiny_model_dir and seen["peft_config"] == "adapters"
+    config = seen["quantization_config"]
+    if expected is None:
+        assert config is None
+        return
+    assert isinstance(config, BitsAndBytesConfig)
+    assert (config.load_in_4bit, config.load_in_8bit) == (
+        expected.get("load_in_4bit", False),
+        expected.get("load_in_8bit", False),
+    )
+    if config.load_in_4bit:  # the compute dtype is the model's dtype, as TRL's helper sets it
+        assert (config.bnb_4bit_quant_type, config.bnb_4bit_compute_dtype) == (expected["quant_type"], torch.bfloat16)
+
+
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
 def test_accelerate_config_loads_with_accelerates_loader(path):
     from accelerate.commands.config.config_args import load_config_from_file
