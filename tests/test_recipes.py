@@ -608,3 +608,39 @@ def test_eval_aime_refuses_a_run_dir_that_is_not_a_run(tmp_path):
         module.EvalArguments()
     with pytest.raises(UsageError, match=r"run_dir: no forking_run.json in .*recipes/grpo_forking.py"):
         module.check_inputs(module.EvalArguments(run_dir=str(tmp_path)))
+
+
+# --- pyproject.toml's extras -----------------------------------------------------------------------------------------
+
+
+def _requirements(names) -> list:
+    from packaging.requirements import Requirement
+
+    return [Requirement(name) for name in names]
+
+
+def test_extras_are_trls_own_extras_at_the_pinned_trl_line():
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    (trl,) = [r for r in _requirements(project["dependencies"]) if r.name == "trl"]
+    extras = project["optional-dependencies"]
+    # What TRL's metadata offers: {extra: its requirements}, e.g. vllm -> vllm<=0.31.0,>=0.22.0, aiohttp, requests.
+    offered = {}
+    for requirement in _requirements(importlib.metadata.requires("trl")):
+        for extra in importlib.metadata.metadata("trl").get_all("Provides-Extra"):
+            if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
+                offered.setdefault(extra, []).append(requirement)
+    for name, wanted in {"deepspeed": {"deepspeed"}, "vllm": {"vllm"}, "peft": {"peft"}}.items():
+        (requirement,) = _requirements(extras[name])
+        # Delegated to TRL at the same pin as the dependency: no version of our own that could drift from TRL's.
+        assert (requirement.name, requirement.specifier, requirement.extras) == ("trl", trl.specifier, wanted)
+    (qlora,) = _requirements(extras["quantization"])
+    assert qlora.name == "trl" and qlora.extras == {"peft", "quantization"}
+    assert {r.name for r in offered["vllm"]} == {"vllm", "aiohttp", "requests"}  # the server's client needs these
+    assert "trl[deepspeed]" in {f"{r.name}[{','.join(sorted(r.extras))}]" for r in _requirements(extras["dev"])}
+    # The DeepSpeed the tests run on (the dev extra) is one TRL's deepspeed extra admits.
+    (deepspeed,) = [r for r in offered["deepspeed"] if r.name == "deepspeed"]
+    assert deepspeed.specifier.contains(importlib.metadata.version("deepspeed"), prereleases=True)
