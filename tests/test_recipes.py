@@ -602,6 +602,111 @@ def test_eval_aime_evaluates_a_training_run_at_its_start_checkpoints_and_end_for
     assert compare_runs([str(run)])["arms"][0]["seeds"] == [3]
 
 
+def _aime_file(tmp_path, name="aime_2024.jsonl", problems=(("Find 2+3.", "5"), ("Find 6*7.", "42"))):
+    path = tmp_path / name  # HuggingFaceH4/aime_2024's columns
+    path.write_text(
+        "".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, (p, a) in enumerate(problems))
+    )
+    return str(path)
+
+
+class _FakeVLLM:
+    """A stand-in for the vllm package: records the engines created (or refuses any) and answers every prompt with a
+    fixed text."""
+
+    def __init__(self, answer="Answer: 5", refuse=False):
+        from types import SimpleNamespace
+
+        engines = self.engines = []
+
+        class LLM:
+            def __init__(self, model, **kwargs):
+                assert not refuse, "a vLLM engine was created in this process"
+                engines.append((model, kwargs))
+
+            def chat(self, prompts, params):
+                return [SimpleNamespace(outputs=[SimpleNamespace(text=answer)] * params["n"]) for _ in prompts]
+
+        self.module = SimpleNamespace(LLM=LLM, SamplingParams=dict)
+
+
+def test_eval_aime_creates_one_vllm_engine_per_process_for_all_its_datasets(tmp_path, tiny_model_dir, monkeypatch):
+    module = _eval_script()
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(module, "_use_vllm", lambda backend: True)
+    first, second = _aime_file(tmp_path), _aime_file(tmp_path, "aime_2025.jsonl", (("Find 1+4.", "5"),))
+    args = module.EvalArguments(
+        model_name_or_path=tiny_model_dir, datasets=[first, second], num_samples=3, k=[1, 3],
+        tensor_parallel_size=2, output_dir=str(tmp_path / "eval"),
+    )  # fmt: skip
+    summaries = module.main(args)
+    # One engine for both datasets: a second vllm.LLM in one process may not get the GPU memory the first held.
+    assert fake.engines == [(tiny_model_dir, {"tensor_parallel_size": 2, "seed": 0})]
+    assert summaries[first]["backend"] == "vllm" and summaries[first]["num_problems"] == 2
+    assert summaries[first]["avg@3"] == 0.5 and summaries[second]["avg@3"] == 1.0  # "Answer: 5" is right for 5 only
+
+
+def test_point_argv_parses_back_into_the_same_evaluation():
+    from trl_forking.recipe_args import RecipeParser
+
+    module = _eval_script()
+    point = module.EvalArguments(
+        model_name_or_path="/runs/a b/checkpoint-50", datasets=["aime24"], num_samples=32, k=[1, 8, 32],
+        temperature=1.0, top_p=0.7, max_new_tokens=20480, backend="vllm", tensor_parallel_size=4, limit=3, seed=7,
+        output_dir="/runs/a b/eval/step-50",
+    )  # fmt: skip
+    (parsed,) = RecipeParser(module.EvalArguments).parse_recipe(module.point_argv(point))
+    assert parsed == point
+
+
+def test_eval_aime_run_dir_under_vllm_evaluates_each_step_in_a_process_of_its_own(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from trl_forking.recipe_args import RecipeParser
+    from trl_forking.study import write_run_info
+
+    module = _eval_script()
+    monkeypatch.setitem(sys.modules, "vllm", _FakeVLLM(refuse=True).module)  # no engine in the parent process
+    monkeypatch.setattr(module, "_use_vllm", lambda backend: backend != "transformers")  # as with vLLM and a GPU
+    run = tmp_path / "run"
+    write_run_info(str(run), "top", 0.2, 0, model=tiny_model_dir)
+    shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    children = []
+
+    def child(argv, check):  # what the child process does, run here with transformers instead of a GPU
+        assert argv[:2] == [sys.executable, module.__file__] and not check
+        (point,) = RecipeParser(module.EvalArguments).parse_recipe(argv[2:])
+        children.append(point)
+        module.main(module.EvalArguments(**{**module.asdict(point), "backend": "transformers"}))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(module.subprocess, "run", child)
+    args = module.EvalArguments(
+        run_dir=str(run), datasets=["arithmetic-chains"], num_samples=2, k=[1, 2], max_new_tokens=4, limit=2,
+    )  # fmt: skip
+    module.check_inputs(args)
+    records = module.evaluate_run(args)
+    assert [(p.model_name_or_path, p.backend, p.run_dir) for p in children] == [
+        (tiny_model_dir, "vllm", None),
+        (str(run / "checkpoint-2"), "vllm", None),
+    ]
+    assert [p.output_dir for p in children] == [str(run / "eval" / "step-0"), str(run / "eval" / "step-2")]
+    for record, point in zip(records, children, strict=True):
+        summary = json.load(open(os.path.join(point.output_dir, "arithmetic-chains_summary.json")))
+        assert (record["model"], record["accuracy"]) == (point.model_name_or_path, summary["avg@2"])
+
+
+def test_a_child_evaluation_runs_the_script_on_the_flags_it_is_given(tmp_path, tiny_model_dir):
+    module = _eval_script()
+    point = module.EvalArguments(
+        model_name_or_path=tiny_model_dir, datasets=[_aime_file(tmp_path)], num_samples=2, k=[1, 2],
+        max_new_tokens=4, backend="transformers", output_dir=str(tmp_path / "step-0"),
+    )  # fmt: skip
+    summary = module._evaluate_in_child(point, point.datasets[0], str(tmp_path / "forking_eval.jsonl"))
+    assert (summary["model"], summary["num_problems"], summary["settings"]["num_samples"]) == (tiny_model_dir, 2, 2)
+
+
 def test_eval_aime_refuses_a_run_dir_that_is_not_a_run(tmp_path):
     module = _eval_script()
     with pytest.raises(ValueError, match="model_name_or_path: missing"):
