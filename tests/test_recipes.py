@@ -471,15 +471,23 @@ SLURM_SCRIPT = "recipes/slurm/grpo_forking.slurm"
 
 
 def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, object]:
-    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl record what they are asked
-    (srun.log, scontrol.log); ``train_body`` runs in the training srun (e.g. a sleep)."""
+    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl / accelerate record what they
+    are asked (scontrol.log; srun.log and accelerate.log: one record per call, each argument on its own); the training
+    srun runs its command once per task with that task's SLURM_PROCID, as Slurm does on each node, and ``train_body``
+    runs in the fake accelerate (e.g. a sleep)."""
     srun_log, scontrol_log = tmp_path / "srun.log", tmp_path / "scontrol.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # Arguments end with \x1f, calls with \x1e: a value with spaces stays one argument in the record.
+    record = "{ printf '%s\\x1f' \"$@\"; printf '\\x1e'; } >> "
     fakes = {
         "scontrol": f'echo "$*" >> {scontrol_log}; [ "$1" = show ] && printf \'gpu-a\\ngpu-b\\ngpu-c\\n\'; true',
-        # One record per call, ended by \x1e: the two sruns run in the background, in either order.
-        "srun": f'printf \'%s\\x1e\' "$*" >> {srun_log}; case "$*" in *"accelerate launch"*) {train_body};; esac',
+        # The two sruns run in the background, in either order. Slurm's own options come first.
+        "srun": f"""{record}{srun_log}
+            tasks=1; while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && tasks=${{1#--ntasks=}}; shift; done
+            [[ $1 == bash ]] || exit 0  # the vLLM server: recorded only
+            for ((rank = 0; rank < tasks; rank++)); do SLURM_PROCID=$rank "$@" || exit; done""",
+        "accelerate": f"{record}{tmp_path / 'accelerate.log'}; {train_body}",
         # Healthy once the server's srun has started (recorded): the script's exit trap may not kill it earlier.
         "curl": f"for i in $(seq 100); do grep -qs vllm-serve {srun_log} && exit 0; sleep 0.1; done",
     }
@@ -488,37 +496,88 @@ def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, objec
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]"}
     env["SLURM_JOB_ID"] = "4242"
-    env.pop("SLURM_RESTART_COUNT", None)
+    for name in ("SLURM_RESTART_COUNT", "VLLM_TP", "GPUS_PER_NODE"):
+        env.pop(name, None)
     return env, srun_log, scontrol_log
 
 
-def _slurm_records(srun_log) -> tuple[str, str]:
-    """Returns the (vLLM, training) srun command lines recorded in ``srun_log``."""
-    records = [r for r in srun_log.read_text().split("\x1e") if r.strip()]
-    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
-    (train,) = [r for r in records if r is not serve]
-    return serve, " ".join(train.split())
+def _records(log) -> list[list[str]]:
+    """Returns the argument lists of the calls recorded in ``log`` (``_fake_slurm``'s format)."""
+    return [call.split("\x1f")[:-1] for call in log.read_text().split("\x1e") if call]
+
+
+def _slurm_records(srun_log) -> tuple[list[str], list[str], list[list[str]]]:
+    """Returns the vLLM srun's arguments, the training srun's, and the arguments each training node's accelerate got
+    (machine rank 0 first)."""
+    sruns = _records(srun_log)
+    (serve,) = [call for call in sruns if "vllm-serve" in call]
+    (train,) = [call for call in sruns if call is not serve]
+    return serve, train, _records(srun_log.parent / "accelerate.log")
+
+
+def _run_slurm(env, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def recipe_model(recipe: str) -> str:
+    """Returns the recipe's model_name_or_path, read as the Slurm launcher reads it."""
+    return re.search(r"^model_name_or_path: (\S+)$", open(os.path.join(ROOT, recipe)).read(), re.MULTILINE).group(1)
 
 
 def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
     env, srun_log, _ = _fake_slurm(tmp_path)
+    env["VLLM_TP"] = "2"  # what the 14B recipe's header assumes
     recipe = "recipes/qwen3-14b/forking_dapo.yaml"
-    done = subprocess.run(
-        ["bash", SLURM_SCRIPT, recipe, "zero3", "--max_steps", "5"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # A flag value with spaces, quotes and a $: one argument from sbatch to the script, untouched on the way.
+    name = "top 20% (it's $HOME)"
+    done = _run_slurm(env, recipe, "zero3", "--max_steps", "5", "--run_name", name)
     assert done.returncode == 0, done.stderr
-    serve, launch = _slurm_records(srun_log)
-    assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
-    assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
-    assert launch.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
-    assert "--config_file recipes/accelerate/zero3.yaml --num_machines 2 --num_processes 16" in launch
-    assert "--machine_rank $SLURM_PROCID --main_process_ip gpu-a --main_process_port 29500" in launch
-    assert launch.endswith(f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5")
+    serve, train, launches = _slurm_records(srun_log)
+    assert serve[:7] == [
+        "--nodes=1",
+        "--ntasks=1",
+        "--nodelist=gpu-c",
+        "trl",
+        "vllm-serve",
+        "--model",
+        recipe_model(recipe),
+    ]
+    assert " ".join(serve).count("--tensor_parallel_size 2 --data_parallel_size 4 --max_model_len 22528") == 1
+    assert train[:6] == ["--nodes=2", "--ntasks=2", "--nodelist=gpu-a,gpu-b", "--kill-on-bad-exit=1", "bash", "-c"]
+    # Each training node's accelerate, with its own machine rank, and every flag one argument as it was given.
+    common = ["--config_file", "recipes/accelerate/zero3.yaml", "--num_machines", "2", "--num_processes", "16"]
+    common += ["--main_process_ip", "gpu-a", "--main_process_port", "29500", "recipes/grpo_forking.py"]
+    common += ["--config", recipe, "--vllm_server_host", "gpu-c", "--vllm_server_port", "8000"]
+    common += ["--max_steps", "5", "--run_name", name]
+    assert launches == [["launch", "--machine_rank", str(rank), *common] for rank in (0, 1)]
+
+
+def test_slurm_script_refuses_a_vllm_tensor_parallel_size_that_does_not_divide_the_node(tmp_path):
+    env, srun_log, _ = _fake_slurm(tmp_path)
+    env["VLLM_TP"] = "3"
+    done = _run_slurm(env, "recipes/qwen3-14b/forking_dapo.yaml")
+    assert done.returncode == 2 and not srun_log.exists()
+    assert done.stderr.strip() == (
+        "VLLM_TP=3 must divide GPUS_PER_NODE=8 (the vLLM node runs GPUS_PER_NODE / VLLM_TP replicas)"
+    )
+
+
+SBATCH_EXAMPLE = re.compile(r"^#?\s*(?:VLLM_TP=(\d+) )?sbatch --nodes=(\d+) recipes/slurm/grpo_forking.slurm (\S+)")
+
+
+def test_every_slurm_example_uses_the_nodes_and_vllm_tensor_parallel_size_its_recipe_assumes():
+    examples = []
+    for path in ("docs/recipes.md", SLURM_SCRIPT):
+        for line in open(os.path.join(ROOT, path)):
+            if found := SBATCH_EXAMPLE.match(line.strip()):
+                examples.append(found.groups())
+    assert len(examples) >= 6
+    for tp, nodes, recipe in examples:
+        header = open(os.path.join(ROOT, recipe)).read()
+        # "Hardware assumed ...: 2 training node(s) x 8 ... 1 node running `trl vllm-serve` (tensor parallel 2, ..."
+        training = int(re.search(r"(\d+) training node\(s\)", header).group(1))
+        assumed_tp = int(re.search(r"\(tensor parallel (\d+),", header).group(1))
+        assert (int(nodes), int(tp or 1)) == (training + 1, assumed_tp), (recipe, nodes, tp)
 
 
 def test_slurm_script_asks_to_be_requeued_and_warned_before_its_time_limit():
@@ -537,11 +596,13 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint_when_there_is_o
         (output_dir / "checkpoint-50" / "trainer_state.json").write_text("{}")
     # --output_dir among the extra flags overrides the recipe's, for the script and for the launcher's check alike.
     argv = ["recipes/qwen3-8b/forking_dapo.yaml", "zero3", "--output_dir", str(output_dir)]
-    done = subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = _run_slurm(env, *argv)
     assert done.returncode == 0, done.stderr
-    _, launch = _slurm_records(srun_log)
-    assert ("--resume_from_checkpoint true" in launch) == has_checkpoint
-    assert launch.endswith(f"--output_dir {output_dir}")
+    _, _, launches = _slurm_records(srun_log)
+    for launch in launches:
+        resume = launch[launch.index("8000") + 1 :]  # after --vllm_server_port: the resume flag, then the user's
+        expected = ["--resume_from_checkpoint", "true"] if has_checkpoint else []
+        assert resume == [*expected, "--output_dir", str(output_dir)]
 
 
 def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
@@ -559,7 +620,7 @@ def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
         )
     try:
         deadline = time.monotonic() + 30
-        while "accelerate launch" not in (srun_log.read_text() if srun_log.exists() else ""):
+        while not (tmp_path / "accelerate.log").exists():
             assert time.monotonic() < deadline and job.poll() is None, output.read_text()
             time.sleep(0.1)
         job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch shell
