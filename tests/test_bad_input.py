@@ -85,6 +85,20 @@ CASES = {
         ("--model_name_or_path", "{tiny}", "--load_in_4bit", "true", "--use_peft", "true", "--output_dir", "{tmp}/q"),
         ("load_in_4bit", "bitsandbytes"),
     ),
+    # --dry_run: TRL's batch check at the planned world size (1 x 3 x 8 = 24 completions, not groups of 16).
+    "dry_run_refused_by_trl_at_the_planned_world_size": Case(
+        TRAIN,
+        (
+            "--config",
+            os.path.join(ROOT, "recipes", "qwen3-8b", "forking_dapo.yaml"),
+            "--dry_run",
+            "--num_processes",
+            "3",
+        )
+        + ("--steps_per_generation", "8", "--gradient_accumulation_steps", "8"),
+        ("generation_batch_size (24)", "num_generations (16)", "3 process(es) of the planned launch"),
+    ),
+    "launch_flag_without_dry_run": Case(TRAIN, ("--num_machines", "2"), ("num_machines", "only with --dry_run")),
     "eval_model_folder_missing": Case(
         EVAL, ("--model_name_or_path", "/no/such/model"), ("model_name_or_path", "'/no/such/model'")
     ),
