@@ -204,6 +204,30 @@ def test_launch_flags_without_dry_run_are_refused():
         _script().cli(["--config", RECIPE_8B, "--num_processes", "8"])
 
 
+def _docs_block(title: str) -> tuple[list[str], str]:
+    """Returns (the command's arguments, its output) of the first ```bash / ```text pair after ``title`` in
+    docs/recipes.md."""
+    docs = open(os.path.join(ROOT, "docs", "recipes.md")).read()
+    section = docs[docs.index(title) :]
+    command = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    output = re.search(r"```text\n(.*?)```", section, re.DOTALL).group(1)
+    return command.replace("\\\n", " ").split(), output
+
+
+def test_the_docs_show_what_the_dry_run_of_the_8b_recipe_prints(qwen3_hub_cache, tmp_path):
+    command, output = _docs_block("## 8. Before your first GPU hour")
+    recipe = "recipes/qwen3-8b/forking_dapo.yaml"
+    assert command[:5] == ["python", "recipes/grpo_forking.py", "--config", recipe, "--dry_run"]
+    # From a folder of its own whose recipes/ is the repository's: an outputs/ there cannot change what it prints.
+    os.symlink(os.path.join(ROOT, "recipes"), tmp_path / "recipes")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == output
+
+
 def test_the_slurm_launcher_plans_its_own_launch_with_dry_run(qwen3_hub_cache, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TP": "2", "NUM_NODES": "3", "PYTHON": sys.executable}
     for name in ("SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT", "GPUS_PER_NODE"):

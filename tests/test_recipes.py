@@ -810,3 +810,9 @@ def test_extras_are_trls_own_extras_at_the_pinned_trl_line():
     # The DeepSpeed the tests run on (the dev extra) is one TRL's deepspeed extra admits.
     (deepspeed,) = [r for r in offered["deepspeed"] if r.name == "deepspeed"]
     assert deepspeed.specifier.contains(importlib.metadata.version("deepspeed"), prereleases=True)
+    # docs/recipes.md states the ranges the extras bring: TRL's, as they are.
+    docs = open(os.path.join(ROOT, "docs", "recipes.md")).read()
+    (vllm,) = [r for r in offered["vllm"] if r.name == "vllm"]
+    for requirement in (vllm, deepspeed):
+        (stated,) = re.findall(rf"`({requirement.name}[<>=!][^`]*)`", docs)
+        assert _requirements([stated])[0].specifier == requirement.specifier, stated
