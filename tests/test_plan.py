@@ -240,7 +240,7 @@ def test_the_slurm_launcher_plans_its_own_launch_with_dry_run(qwen3_hub_cache, t
     lines = done.stdout.splitlines()
     assert lines[0] == "model Qwen/Qwen3-14B-Base | vLLM on node2 | training on node0,node1 (16 ranks)"
     assert lines[1] == f"Dry run of {recipe}: nothing loaded, nothing trained."
-    assert lines[2].startswith("Launch      16 processes on 2 machine(s), 8 per machine, DeepSpeed ZeRO-3")
+    assert lines[2].startswith("Launch      16 processes on 2 machines, 8 per machine, DeepSpeed ZeRO-3")
     assert "vLLM        server mode at node2:8000, tensor parallel 2" in done.stdout
     no_plan = subprocess.run(argv[:4], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert no_plan.returncode == 2

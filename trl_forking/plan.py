@@ -483,6 +483,10 @@ def _n(value) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,.2f}"
 
 
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number:,} {one if number == 1 else many}"
+
+
 def _gb(value: float) -> str:
     return f"{value / 1e9:,.1f} GB"
 
@@ -500,13 +504,14 @@ def format_plan(plan: dict, recipe: str | None = None) -> str:
     if memory.get("stage") is not None:
         how += f" ZeRO-{memory['stage']}"
     source = f" ({launch['config_file']})" if launch["config_file"] else " (no --launch_config_file)"
+    heads = f"{model['heads']} heads" + (f" / {model['kv_heads']} KV heads" if model["kv_heads"] else "")
     rows = [
-        ("Launch", f"{launch['num_processes']} processes on {launch['num_machines']} machine(s), "
-                   f"{launch['per_machine']} per machine, {how}{source}"),
+        ("Launch", f"{_count(launch['num_processes'], 'process', 'processes')} on "
+                   f"{_count(launch['num_machines'], 'machine', 'machines')}, {launch['per_machine']} per machine, "
+                   f"{how}{source}"),
         ("Model", f"{model['name']}: {_n(model['parameters'])} parameters from its config ({model['layers']} layers, "
-                  f"hidden {_n(model['hidden_size'])}, {model['heads']} heads / {model['kv_heads']} KV heads, "
-                  f"vocabulary {_n(model['vocab_size'])}; largest layer {_n(model['largest_layer'])}), "
-                  f"{model['dtype']} weights ({model['dtype_bytes']} bytes)"
+                  f"hidden {_n(model['hidden_size'])}, {heads}, vocabulary {_n(model['vocab_size'])}; largest layer "
+                  f"{_n(model['largest_layer'])}), {model['dtype']} weights ({model['dtype_bytes']} bytes)"
                   + (f", {model['quantization']} quantized" if model["quantization"] else "")
                   + (", adapters trained (use_peft)" if model["use_peft"] else "")),
         ("Rollout", f"{_n(batch['prompts_per_rollout'])} prompts x {batch['num_generations']} = "
@@ -515,7 +520,8 @@ def format_plan(plan: dict, recipe: str | None = None) -> str:
                     f"{batch['num_iterations']} / gradient_accumulation_steps {batch['gradient_accumulation_steps']})"),
         ("Step", f"{_n(batch['prompts_per_step'])} prompts x {batch['num_generations']} = "
                  f"{_n(batch['completions_per_step'])} completions ({batch['per_device']} per device x "
-                 f"{launch['num_processes']} processes x {batch['gradient_accumulation_steps']} accumulation steps)"),
+                 f"{_count(launch['num_processes'], 'process', 'processes')} x "
+                 f"{batch['gradient_accumulation_steps']} accumulation steps)"),
         ("Tokens", f"up to {_n(tokens['tokens'])} completion tokens per optimizer step "
                    f"({_n(batch['completions_per_step'])} x max_completion_length "
                    f"{_n(tokens['max_completion_length'])}), plus the prompts (TRL 1.16 has no prompt cap)"),
