@@ -10,8 +10,9 @@ completions, verdicts, pass@k) and ``<name>_summary.json`` (avg@n with its stand
 ``EVAL_SETS`` keys, their Hub names, local files with ``problem`` (or ``question``) and ``answer`` columns, or
 ``arithmetic-chains``: the bundled task's test split, posed with the task's own prompt (AIME problems get DAPO's
 instruction). ``--run_dir RUN`` evaluates a training run of ``recipes/grpo_forking.py`` at its start, checkpoints and
-end for ``trl-forking compare`` (docs/ablation.md). ``--config eval.yaml`` reads the same fields from YAML. It will
-not overwrite another model's results in ``output_dir``. Bad input ends with one line on stderr and exit status 2.
+end for ``trl-forking compare`` (docs/ablation.md), each step in a process of its own under vLLM (one engine per
+process). ``--config eval.yaml`` reads the same fields from YAML. It will not overwrite another model's results in
+``output_dir``. Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,13 +21,22 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 
 from trl_forking.data import load_math_eval
 from trl_forking.evaluation import generate_completions, score_problem, summarize
 from trl_forking.recipe_args import RecipeParser
-from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
+from trl_forking.usage import (
+    EXIT_USAGE,
+    UsageError,
+    check_data_source,
+    check_model,
+    exit_on_usage_error,
+    input_errors,
+)
 
 BACKENDS = ("auto", "vllm", "transformers")
 
@@ -154,8 +164,42 @@ def run_points(args: EvalArguments) -> list[tuple[int, str]]:
     return sorted(points.items())
 
 
+def point_argv(point: EvalArguments) -> list[str]:
+    """Returns the command-line flags that parse back into ``point`` (``RecipeParser(EvalArguments)``): the child
+    process of ``evaluate_run`` evaluates exactly what the parent would have."""
+    argv = []
+    for spec in fields(EvalArguments):
+        value = getattr(point, spec.name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{spec.name}", *(str(v) for v in values)]
+    return argv
+
+
+def _evaluate_in_child(point: EvalArguments, name: str, eval_path: str) -> dict:
+    """Returns the summary of ``point`` on dataset ``name`` after evaluating it in a Python process of its own (one
+    vLLM engine per process, freed with the process); exits with the child's status when it fails."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *point_argv(point)], check=False)
+    if done.returncode == EXIT_USAGE:
+        sys.exit(EXIT_USAGE)  # the child said why, in its one line
+    if done.returncode != 0:
+        print(
+            f"{os.path.basename(__file__)}: error: evaluating {point.model_name_or_path!r} stopped with exit status "
+            f"{done.returncode} (its output is above); the steps before it are in {eval_path}",
+            file=sys.stderr,
+        )
+        sys.exit(done.returncode)
+    with open(os.path.join(point.output_dir, f"{result_stem(name)}_summary.json")) as f:
+        return json.load(f)
+
+
 def evaluate_run(args: EvalArguments) -> list[dict]:
-    """Returns the evaluation records appended to ``run_dir/forking_eval.jsonl``, one per step not yet there."""
+    """Returns the evaluation records appended to ``run_dir/forking_eval.jsonl``, one per step not yet there.
+
+    With vLLM each step (the starting model, a checkpoint, the final model) is evaluated in a child process of its own
+    (``_evaluate_in_child``), as ``make_generator`` explains; with transformers in this process, one model at a time.
+    """
     from trl_forking.study import EVAL_FILE, append_evaluation
 
     eval_path = os.path.join(args.run_dir, EVAL_FILE)
@@ -163,6 +207,7 @@ def evaluate_run(args: EvalArguments) -> list[dict]:
     if os.path.isfile(eval_path):
         with open(eval_path) as f:
             done = {json.loads(line)["step"] for line in f if line.strip()}
+    use_vllm = _use_vllm(args.backend)
     name, records = args.datasets[0], []
     for step, folder in run_points(args):
         if step in done:
@@ -172,7 +217,11 @@ def evaluate_run(args: EvalArguments) -> list[dict]:
             **{**asdict(args), "model_name_or_path": folder, "datasets": [name], "run_dir": None},
         )
         point.output_dir = os.path.join(args.run_dir, "eval", f"step-{step}")
-        summary = main(point)[name]
+        if use_vllm:
+            point.backend = "vllm"  # as decided here: the child must not fall back to another backend
+            summary = _evaluate_in_child(point, name, eval_path)
+        else:
+            summary = main(point)[name]
         n = args.num_samples
         record = {
             "step": step,
@@ -198,26 +247,30 @@ def _use_vllm(backend: str) -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def generate_vllm(args: EvalArguments, prompts: list[list[dict]]) -> list[list[str]]:
-    """Returns ``num_samples`` completions per prompt from vLLM's offline engine (chat template applied)."""
-    from vllm import LLM, SamplingParams
+def make_generator(args: EvalArguments, use_vllm: bool) -> Callable[[list[list[dict]]], list[list[str]]]:
+    """Returns ``generate(prompts)``: ``num_samples`` completions per prompt (chat template applied) from one engine
+    that serves every dataset of this process, vLLM's offline engine or the model loaded once by transformers.
 
-    llm = LLM(args.model_name_or_path, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
-    params = SamplingParams(
-        n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens
-    )
-    return [[o.text for o in out.outputs] for out in llm.chat(prompts, params)]
+    One per process: vLLM does not reliably free GPU memory and its worker processes when a second ``LLM`` is
+    created in the same process (tensor parallel especially), so ``evaluate_run`` runs each checkpoint in a process
+    of its own when it generates with vLLM.
+    """
+    if use_vllm:
+        from vllm import LLM, SamplingParams
 
+        llm = LLM(args.model_name_or_path, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
+        params = SamplingParams(
+            n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens
+        )
+        return lambda prompts: [[o.text for o in out.outputs] for out in llm.chat(prompts, params)]
 
-def generate_transformers(args: EvalArguments, prompts: list[list[dict]]) -> list[list[str]]:
-    """Returns ``num_samples`` completions per prompt from ``trl_forking.evaluation.generate_completions``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype="auto")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return generate_completions(
+    return lambda prompts: generate_completions(
         model,
         tokenizer,
         prompts,
@@ -247,14 +300,16 @@ def main(args: EvalArguments) -> dict[str, dict]:
     """Returns each dataset's summary after writing ``<name>.jsonl`` and ``<name>_summary.json`` to ``output_dir``."""
     os.makedirs(args.output_dir, exist_ok=True)
     use_vllm = _use_vllm(args.backend)
-    generate = generate_vllm if use_vllm else generate_transformers
+    generate = None  # built at the first dataset, so that a dataset that cannot be read fails before a model loads
     summaries = {}
     for name in args.datasets:
         with input_errors("datasets"):
             dataset = load_math_eval(name)
         if args.limit is not None:
             dataset = dataset.select(range(min(args.limit, len(dataset))))
-        samples = generate(args, dataset["prompt"])
+        if generate is None:
+            generate = make_generator(args, use_vllm)
+        samples = generate(dataset["prompt"])
         rows = []
         for problem, completions in zip(dataset, samples, strict=True):
             rows.append(

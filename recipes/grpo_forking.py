@@ -12,10 +12,17 @@ dataset given means that base model and the bundled task; nothing is downloaded 
 ``--resume_from_checkpoint true`` (or ``last``, or a ``checkpoint-N`` folder) resumes; a fresh run refuses an
 ``output_dir`` that holds checkpoints (``--overwrite_output_dir true`` deletes them) and says when it overwrites a
 finished run. Bad input ends with one line on stderr and exit status 2 (``trl_forking.usage``).
+
+``--dry_run`` prints what the run will do on a launch given on the command line and exits, on any machine, without
+loading weights or starting training (``trl_forking.plan``; docs/recipes.md section 8):
+
+    python recipes/grpo_forking.py --config recipes/qwen3-8b/forking_dapo.yaml --dry_run \\
+        --launch_config_file recipes/accelerate/zero3.yaml [--num_processes 8 --num_machines 1]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -23,18 +30,33 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, ScriptArguments, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 from trl_forking.base_model import BaseModelRecipe, build_base_model
 from trl_forking.console import quiet_known_noise, use_compact_log
 from trl_forking.data import load_train_dataset
 from trl_forking.launch import check_launch, check_world_size, cpu_defaults
+from trl_forking.plan import (
+    Launch,
+    LaunchArguments,
+    launch_help,
+    parse_launch_arguments,
+    planned_config_class,
+    read_launch,
+)
 from trl_forking.recipe_args import RecipeParser
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
 from trl_forking.run_dir import check_output_dir, resolve_resume
 from trl_forking.task import TASK_NAME, load_task
-from trl_forking.usage import UsageError, check_data_source, check_model, exit_on_usage_error, input_errors
+from trl_forking.usage import (
+    UsageError,
+    check_data_source,
+    check_model,
+    check_quantization,
+    exit_on_usage_error,
+    input_errors,
+)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
@@ -85,12 +107,24 @@ class ForkingScriptArguments(ScriptArguments):
     )
 
 
-def make_parser() -> RecipeParser:
-    """Returns the parser of (ForkingScriptArguments, ForkingGRPOConfig, ModelConfig), with CPU-safe defaults."""
-    parser = RecipeParser((ForkingScriptArguments, ForkingGRPOConfig, ModelConfig))
+def make_parser(world_size: int | None = None) -> RecipeParser:
+    """Returns the parser of (ForkingScriptArguments, ForkingGRPOConfig, ModelConfig), with CPU-safe defaults.
+
+    ``world_size`` (a dry run's planned launch) parses the config for that many processes: TRL derives and checks its
+    batch sizes as every rank of that launch will, and no device is set up for it.
+    """
+    config_class = ForkingGRPOConfig if world_size is None else planned_config_class(ForkingGRPOConfig, world_size)
+    parser = RecipeParser(
+        (ForkingScriptArguments, config_class, ModelConfig),
+        epilog=launch_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if not torch.cuda.is_available():
         # bf16 off; under a multi-process launch one gloo group instead of processes that each train alone.
         parser.set_defaults(**cpu_defaults())
+    if world_size is not None:
+        # A plan runs on a machine without the launch's GPUs: transformers would refuse the recipe's bf16 here.
+        parser.set_defaults(use_cpu=True)
     return parser
 
 
@@ -114,10 +148,16 @@ def base_model_recipe(value: str | dict | None) -> BaseModelRecipe:
 
 
 def check_inputs(
-    script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, model_args: ModelConfig
+    script_args: ForkingScriptArguments,
+    training_args: ForkingGRPOConfig,
+    model_args: ModelConfig,
+    planning: bool = False,
 ) -> None:
     """Raises ``UsageError`` for input that would otherwise fail later, deep in a library or after training; sets
-    ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a fresh run)."""
+    ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a fresh run).
+
+    ``planning`` (a dry run) skips what only the launch's machines can tell: whether bitsandbytes runs there.
+    """
     if model_args.model_name_or_path is not None:
         check_model(model_args.model_name_or_path, revision=model_args.model_revision)
         if script_args.base_model_recipe is not None:
@@ -127,6 +167,7 @@ def check_inputs(
             )
     else:
         base_model_recipe(script_args.base_model_recipe)
+    check_quantization(model_args, hardware=not planning)
     if script_args.dataset_name is not None:
         check_data_source(script_args.dataset_name, "dataset_name")
     if script_args.eval_num_samples < 0:
@@ -222,6 +263,8 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             reward_funcs=reward_funcs,
             args=training_args,
             train_dataset=dataset,
+            # --load_in_4bit / --load_in_8bit, as TRL's own trl/scripts/grpo.py passes them (QLoRA with --use_peft).
+            quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
     use_compact_log(trainer)
@@ -275,14 +318,73 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     return output_dir
 
 
+def model_config(model_args: ModelConfig, script_args: ForkingScriptArguments, trust_remote_code: bool = False):
+    """Returns the config of the model the run trains, read as ``from_pretrained`` reads it (the Hub's config.json of
+    a Hub id, nothing else); for the demo's locally built base model, its cached config. Raises ``UsageError`` when
+    that model has not been built yet."""
+    from transformers import AutoConfig
+
+    from trl_forking.base_model import base_model_dir
+
+    name = model_args.model_name_or_path
+    if name is None:
+        name = base_model_dir(base_model_recipe(script_args.base_model_recipe))
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UsageError(
+                "model_name_or_path: unset, so the run trains the demo's base model, which is not built yet (one "
+                "run of the demo builds it); give --model_name_or_path to plan another model"
+            )
+    with input_errors("model_name_or_path", OSError, ValueError):
+        return AutoConfig.from_pretrained(name, revision=model_args.model_revision, trust_remote_code=trust_remote_code)
+
+
+def dry_run(
+    script_args: ForkingScriptArguments,
+    training_args: ForkingGRPOConfig,
+    model_args: ModelConfig,
+    launch: Launch,
+    launch_args: LaunchArguments,
+    recipe: str | None = None,
+) -> dict:
+    """Returns the plan of the run (``trl_forking.plan.make_plan``) after printing it; loads no weights, trains nothing.
+
+    ``training_args`` must come from ``make_parser(launch.num_processes)``. Raises ``UsageError`` for what the run
+    itself would refuse (``check_inputs``) and for combinations TRL, accelerate, DeepSpeed or vLLM would refuse.
+    """
+    from trl_forking.plan import format_plan, make_plan
+
+    check_inputs(script_args, training_args, model_args, planning=True)
+    config = model_config(model_args, script_args, training_args.trust_remote_code)
+    plan = make_plan(
+        script_args, training_args, model_args, launch, config, launch_args.vllm_server_tensor_parallel_size
+    )
+    print(format_plan(plan, recipe))
+    return plan
+
+
+def cli(argv: list[str]) -> dict | str:
+    """Returns the plan of a ``--dry_run`` (``dry_run``), else the output directory of the run (``main``), for the
+    script's command line ``argv``; raises ``UsageError`` for bad input."""
+    check_launch()
+    launch_args, argv = parse_launch_arguments(argv)
+    launch = read_launch(launch_args) if launch_args.dry_run else None
+    parser = make_parser(launch.num_processes if launch is not None else None)
+    try:
+        parsed = parser.parse_recipe(argv, default_config=DEMO_CONFIG)
+    except UsageError as error:
+        if launch is None:
+            raise
+        raise UsageError(f"{error} (with the {launch.num_processes} process(es) of the planned launch)") from error
+    if parser.default_config_used and parsed[1].process_index == 0:
+        changes = f", with {' '.join(argv)} on top" if argv else ""
+        print(f"No --config: recipes/{os.path.basename(DEMO_CONFIG)} (the CPU demo){changes}")
+    if launch is not None:
+        return dry_run(*parsed, launch, launch_args, parser.config_path)
+    check_inputs(*parsed)
+    return main(*parsed)
+
+
 if __name__ == "__main__":
     quiet_known_noise()
     with exit_on_usage_error(os.path.basename(__file__)):
-        check_launch()
-        parser = make_parser()
-        parsed = parser.parse_recipe(sys.argv[1:], default_config=DEMO_CONFIG)
-        if parser.default_config_used and parsed[1].process_index == 0:
-            changes = f", with {' '.join(sys.argv[1:])} on top" if sys.argv[1:] else ""
-            print(f"No --config: recipes/{os.path.basename(DEMO_CONFIG)} (the CPU demo){changes}")
-        check_inputs(*parsed)
-        main(*parsed)
+        cli(sys.argv[1:])

@@ -45,6 +45,25 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_hub_cache():
+    """Returns the Hub ids ``Qwen/Qwen3-{8B,14B,32B}-Base`` after putting their ``config.json`` (nothing else) in the
+    session's Hugging Face cache, from ``tests/data`` (the dimensions published on the Hub): the recipes then name
+    their models as they do and resolve them offline, as on a machine that fetched the configs."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    repos = []
+    for name in sorted(os.listdir(data)):
+        repo = f"Qwen/{name}"
+        cache = os.path.join(os.environ["HF_HOME"], "hub", f"models--{repo.replace('/', '--')}")
+        os.makedirs(os.path.join(cache, "snapshots", "local"), exist_ok=True)
+        shutil.copy(os.path.join(data, name, "config.json"), os.path.join(cache, "snapshots", "local"))
+        os.makedirs(os.path.join(cache, "refs"), exist_ok=True)
+        with open(os.path.join(cache, "refs", "main"), "w") as f:
+            f.write("local")
+        repos.append(repo)
+    return repos
+
+
+@pytest.fixture(scope="session")
 def prompt_dataset():
     """A 16-prompt standard (non-conversational) dataset, enough for a few GRPO steps."""
     from datasets import Dataset

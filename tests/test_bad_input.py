@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "recipes", "grpo_forking.py")
 EVAL = os.path.join(ROOT, "recipes", "eval_aime.py")
 VLLM_USABLE = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+BITSANDBYTES_USABLE = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
 # A script's whole answer to bad input; anything longer is not "short".
 MAX_MESSAGE_CHARS = 320
 ENV = {
@@ -77,6 +78,27 @@ CASES = {
         ("--model_name_or_path", "{tiny}", "--reward_weights", "1.0", "2.0", "--output_dir", "{tmp}/out"),
         ("reward weights (2)", "reward functions (1)"),
     ),
+    # QLoRA on a machine where bitsandbytes cannot run (not installed, or no CUDA): refused before the model loads,
+    # where it used to train bf16 LoRA without a word.
+    "load_in_4bit_where_bitsandbytes_cannot_run": Case(
+        TRAIN,
+        ("--model_name_or_path", "{tiny}", "--load_in_4bit", "true", "--use_peft", "true", "--output_dir", "{tmp}/q"),
+        ("load_in_4bit", "bitsandbytes"),
+    ),
+    # --dry_run: TRL's batch check at the planned world size (1 x 3 x 8 = 24 completions, not groups of 16).
+    "dry_run_refused_by_trl_at_the_planned_world_size": Case(
+        TRAIN,
+        (
+            "--config",
+            os.path.join(ROOT, "recipes", "qwen3-8b", "forking_dapo.yaml"),
+            "--dry_run",
+            "--num_processes",
+            "3",
+        )
+        + ("--steps_per_generation", "8", "--gradient_accumulation_steps", "8"),
+        ("generation_batch_size (24)", "num_generations (16)", "3 process(es) of the planned launch"),
+    ),
+    "launch_flag_without_dry_run": Case(TRAIN, ("--num_machines", "2"), ("num_machines", "only with --dry_run")),
     "eval_model_folder_missing": Case(
         EVAL, ("--model_name_or_path", "/no/such/model"), ("model_name_or_path", "'/no/such/model'")
     ),
@@ -126,6 +148,8 @@ def finished(workdir, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
 def test_bad_input_ends_with_one_line_naming_the_field_and_exit_status_2(finished, case):
     if case == "eval_vllm_unusable" and VLLM_USABLE:
         pytest.skip("vLLM and a GPU are here: --backend vllm is valid")
+    if case == "load_in_4bit_where_bitsandbytes_cannot_run" and BITSANDBYTES_USABLE:
+        pytest.skip("bitsandbytes and a GPU are here: --load_in_4bit is valid")
     done, prog = finished[case], os.path.basename(CASES[case].script)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 2, done.stderr[-3000:]

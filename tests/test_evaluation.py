@@ -246,6 +246,55 @@ def test_held_out_evaluation_takes_a_given_start_and_only_the_main_process_write
         HeldOutEvaluationCallback(problems, every_n_steps=-1)
 
 
+# Five problems the scripted model always gets right (p = 1) or wrong (p = 0): the verdicts then do not depend on
+# which rank draws which random numbers, and a gathered result must equal the single-process one exactly.
+SURE = {"1 + 2": 1.0, "30 - 4": 0.0, "5 + 60": 1.0, "90 - 9": 0.0, "2 + 2": 1.0}
+
+
+def _sure_problems_and_model(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = [
+        {"prompt": [{"role": "user", "content": f"Compute {e} step by step."}], "solution": str(eval(e))} for e in SURE
+    ]
+    return ScriptedModel(tokenizer, {e: eval(e) for e in SURE}, SURE), tokenizer, problems
+
+
+def _held_out_on_a_rank(rank, world, tiny_model_dir, output_dir):
+    """One rank of a training run with HeldOutEvaluationCallback; returns how many rows this rank generated."""
+    from pathlib import Path
+
+    from trl_forking.callbacks import HeldOutEvaluationCallback
+
+    model, tokenizer, problems = _sure_problems_and_model(tiny_model_dir)
+    callback = HeldOutEvaluationCallback(problems, every_n_steps=2, num_samples=3, seed=5)
+    _callback_run(callback, model, tokenizer, Path(output_dir), steps=3, process_index=rank)
+    return len(model.seen_prompts)
+
+
+@pytest.mark.distributed
+def test_held_out_evaluation_on_two_ranks_samples_a_share_on_each_and_records_what_one_process_does(
+    tiny_model_dir, tmp_path
+):
+    from gloo import run_on_ranks
+
+    from trl_forking.callbacks import HeldOutEvaluationCallback
+
+    model, tokenizer, problems = _sure_problems_and_model(tiny_model_dir)
+    alone = _callback_run(
+        HeldOutEvaluationCallback(problems, every_n_steps=2, num_samples=3, seed=5), model, tokenizer,
+        tmp_path / "one", steps=3,
+    )  # fmt: skip
+    assert [r["step"] for r in alone] == [0, 2, 3] and alone[0]["accuracy"] == pytest.approx(3 / 5)
+    rows = run_on_ranks(_held_out_on_a_rank, 2, tiny_model_dir, str(tmp_path / "two"))
+    # Rank 0 sampled problems 0, 2, 4 and rank 1 problems 1, 3, each 3 times at each of the 3 evaluations: neither
+    # waited in a collective while the other generated everything.
+    assert rows == [3 * 3 * 3, 2 * 3 * 3]
+    together = [json.loads(line) for line in (tmp_path / "two" / "forking_eval.jsonl").read_text().splitlines()]
+    assert together == alone  # written once (by rank 0), and the same record as one process
+
+
 def test_left_pad_right_aligns_rows_of_odd_lengths_and_masks_the_padding():
     from trl_forking.evaluation import left_pad
 

@@ -74,6 +74,16 @@ def test_qwen_recipe_parses_with_the_paper_settings(path):
     assert args.steps_per_generation // args.gradient_accumulation_steps == 16
 
 
+@pytest.mark.parametrize("path", QWEN_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_qwen_recipe_neither_floods_the_logs_nor_fills_the_disk(path):
+    _, args, _ = _parse("--config", path)
+    # TRL's completion log is a deque of generation_batch_size rows (the whole rollout) that every log call writes to
+    # a parquet file and prints: with logging_steps 1, the same 8,192 completions 16 times per rollout.
+    assert not args.log_completions
+    # A ZeRO-3 checkpoint of these models is 115 to 459 GB, saved every 50 steps: only the newest few may stay.
+    assert args.save_strategy == "steps" and args.save_total_limit is not None and 1 <= args.save_total_limit <= 3
+
+
 def test_demo_recipe_parses_into_a_cpu_run():
     script_args, args, model_args = _parse("--config", DEMO)
     assert model_args.model_name_or_path is None and script_args.dataset_name is None  # base model, bundled task
@@ -134,6 +144,55 @@ def test_a_fresh_run_stops_before_loading_anything_when_its_output_dir_holds_che
     resumed = _parse("--output_dir", str(tmp_path), "--resume_from_checkpoint", "last", default_config=DEMO)
     _script().check_inputs(*resumed)
     assert resumed[1].resume_from_checkpoint == str(tmp_path / "checkpoint-2")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--load_in_4bit", "true", "--bnb_4bit_quant_type", "fp4"), {"load_in_4bit": True, "quant_type": "fp4"}),
+        (("--load_in_8bit", "true"), {"load_in_8bit": True}),
+        ((), None),
+    ],
+    ids=["4bit", "8bit", "none"],
+)
+def test_quantization_flags_reach_the_trainer_through_trls_helper(
+    tmp_path, tiny_model_dir, monkeypatch, flags, expected
+):
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+    from trl import GRPOTrainer
+
+    script = _script()
+    argv = ["--model_name_or_path", tiny_model_dir, "--use_peft", "true", "--dtype", "bfloat16", *flags]
+    parsed = _parse(*argv, "--output_dir", str(tmp_path), "--eval_num_samples", "0", default_config=DEMO)
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def trainer(**kwargs):
+        seen.update(kwargs)
+        raise Built  # bitsandbytes cannot load a model here; what the trainer is given is the claim
+
+    monkeypatch.setattr(script, "ForkingGRPOTrainer", trainer)
+    monkeypatch.setattr(script, "get_peft_config", lambda model_args: "adapters")  # peft is not a test dependency
+    with pytest.raises(Built):
+        script.main(*parsed)
+    # GRPOTrainer passes quantization_config to from_pretrained for a model given by name (trl/scripts/grpo.py).
+    assert "quantization_config" in inspect.signature(GRPOTrainer.__init__).parameters
+    assert seen["model"] == tiny_model_dir and seen["peft_config"] == "adapters"
+    config = seen["quantization_config"]
+    if expected is None:
+        assert config is None
+        return
+    assert isinstance(config, BitsAndBytesConfig)
+    assert (config.load_in_4bit, config.load_in_8bit) == (
+        expected.get("load_in_4bit", False),
+        expected.get("load_in_8bit", False),
+    )
+    if config.load_in_4bit:  # the compute dtype is the model's dtype, as TRL's helper sets it
+        assert (config.bnb_4bit_quant_type, config.bnb_4bit_compute_dtype) == (expected["quant_type"], torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=os.path.basename)
@@ -412,15 +471,23 @@ SLURM_SCRIPT = "recipes/slurm/grpo_forking.slurm"
 
 
 def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, object]:
-    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl record what they are asked
-    (srun.log, scontrol.log); ``train_body`` runs in the training srun (e.g. a sleep)."""
+    """Returns the environment of a fake 3-node allocation whose scontrol / srun / curl / accelerate record what they
+    are asked (scontrol.log; srun.log and accelerate.log: one record per call, each argument on its own); the training
+    srun runs its command once per task with that task's SLURM_PROCID, as Slurm does on each node, and ``train_body``
+    runs in the fake accelerate (e.g. a sleep)."""
     srun_log, scontrol_log = tmp_path / "srun.log", tmp_path / "scontrol.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # Arguments end with \x1f, calls with \x1e: a value with spaces stays one argument in the record.
+    record = "{ printf '%s\\x1f' \"$@\"; printf '\\x1e'; } >> "
     fakes = {
         "scontrol": f'echo "$*" >> {scontrol_log}; [ "$1" = show ] && printf \'gpu-a\\ngpu-b\\ngpu-c\\n\'; true',
-        # One record per call, ended by \x1e: the two sruns run in the background, in either order.
-        "srun": f'printf \'%s\\x1e\' "$*" >> {srun_log}; case "$*" in *"accelerate launch"*) {train_body};; esac',
+        # The two sruns run in the background, in either order. Slurm's own options come first.
+        "srun": f"""{record}{srun_log}
+            tasks=1; while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && tasks=${{1#--ntasks=}}; shift; done
+            [[ $1 == bash ]] || exit 0  # the vLLM server: recorded only
+            for ((rank = 0; rank < tasks; rank++)); do SLURM_PROCID=$rank "$@" || exit; done""",
+        "accelerate": f"{record}{tmp_path / 'accelerate.log'}; {train_body}",
         # Healthy once the server's srun has started (recorded): the script's exit trap may not kill it earlier.
         "curl": f"for i in $(seq 100); do grep -qs vllm-serve {srun_log} && exit 0; sleep 0.1; done",
     }
@@ -429,37 +496,88 @@ def _fake_slurm(tmp_path, train_body: str = "true") -> tuple[dict, object, objec
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]"}
     env["SLURM_JOB_ID"] = "4242"
-    env.pop("SLURM_RESTART_COUNT", None)
+    for name in ("SLURM_RESTART_COUNT", "VLLM_TP", "GPUS_PER_NODE"):
+        env.pop(name, None)
     return env, srun_log, scontrol_log
 
 
-def _slurm_records(srun_log) -> tuple[str, str]:
-    """Returns the (vLLM, training) srun command lines recorded in ``srun_log``."""
-    records = [r for r in srun_log.read_text().split("\x1e") if r.strip()]
-    (serve,) = [r for r in records if "vllm-serve" in r.split("bash -c")[0]]
-    (train,) = [r for r in records if r is not serve]
-    return serve, " ".join(train.split())
+def _records(log) -> list[list[str]]:
+    """Returns the argument lists of the calls recorded in ``log`` (``_fake_slurm``'s format)."""
+    return [call.split("\x1f")[:-1] for call in log.read_text().split("\x1e") if call]
+
+
+def _slurm_records(srun_log) -> tuple[list[str], list[str], list[list[str]]]:
+    """Returns the vLLM srun's arguments, the training srun's, and the arguments each training node's accelerate got
+    (machine rank 0 first)."""
+    sruns = _records(srun_log)
+    (serve,) = [call for call in sruns if "vllm-serve" in call]
+    (train,) = [call for call in sruns if call is not serve]
+    return serve, train, _records(srun_log.parent / "accelerate.log")
+
+
+def _run_slurm(env, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def recipe_model(recipe: str) -> str:
+    """Returns the recipe's model_name_or_path, read as the Slurm launcher reads it."""
+    return re.search(r"^model_name_or_path: (\S+)$", open(os.path.join(ROOT, recipe)).read(), re.MULTILINE).group(1)
 
 
 def test_slurm_script_starts_vllm_on_the_last_node_and_trains_on_the_others(tmp_path):
     env, srun_log, _ = _fake_slurm(tmp_path)
+    env["VLLM_TP"] = "2"  # what the 14B recipe's header assumes
     recipe = "recipes/qwen3-14b/forking_dapo.yaml"
-    done = subprocess.run(
-        ["bash", SLURM_SCRIPT, recipe, "zero3", "--max_steps", "5"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # A flag value with spaces, quotes and a $: one argument from sbatch to the script, untouched on the way.
+    name = "top 20% (it's $HOME)"
+    done = _run_slurm(env, recipe, "zero3", "--max_steps", "5", "--run_name", name)
     assert done.returncode == 0, done.stderr
-    serve, launch = _slurm_records(srun_log)
-    assert serve.startswith("--nodes=1 --ntasks=1 --nodelist=gpu-c trl vllm-serve --model Qwen/Qwen3-14B-Base")
-    assert "--tensor_parallel_size 1 --data_parallel_size 8 --max_model_len 22528" in serve
-    assert launch.startswith("--nodes=2 --ntasks=2 --nodelist=gpu-a,gpu-b --kill-on-bad-exit=1 bash -c")
-    assert "--config_file recipes/accelerate/zero3.yaml --num_machines 2 --num_processes 16" in launch
-    assert "--machine_rank $SLURM_PROCID --main_process_ip gpu-a --main_process_port 29500" in launch
-    assert launch.endswith(f"--config {recipe} --vllm_server_host gpu-c --vllm_server_port 8000 --max_steps 5")
+    serve, train, launches = _slurm_records(srun_log)
+    assert serve[:7] == [
+        "--nodes=1",
+        "--ntasks=1",
+        "--nodelist=gpu-c",
+        "trl",
+        "vllm-serve",
+        "--model",
+        recipe_model(recipe),
+    ]
+    assert " ".join(serve).count("--tensor_parallel_size 2 --data_parallel_size 4 --max_model_len 22528") == 1
+    assert train[:6] == ["--nodes=2", "--ntasks=2", "--nodelist=gpu-a,gpu-b", "--kill-on-bad-exit=1", "bash", "-c"]
+    # Each training node's accelerate, with its own machine rank, and every flag one argument as it was given.
+    common = ["--config_file", "recipes/accelerate/zero3.yaml", "--num_machines", "2", "--num_processes", "16"]
+    common += ["--main_process_ip", "gpu-a", "--main_process_port", "29500", "recipes/grpo_forking.py"]
+    common += ["--config", recipe, "--vllm_server_host", "gpu-c", "--vllm_server_port", "8000"]
+    common += ["--max_steps", "5", "--run_name", name]
+    assert launches == [["launch", "--machine_rank", str(rank), *common] for rank in (0, 1)]
+
+
+def test_slurm_script_refuses_a_vllm_tensor_parallel_size_that_does_not_divide_the_node(tmp_path):
+    env, srun_log, _ = _fake_slurm(tmp_path)
+    env["VLLM_TP"] = "3"
+    done = _run_slurm(env, "recipes/qwen3-14b/forking_dapo.yaml")
+    assert done.returncode == 2 and not srun_log.exists()
+    assert done.stderr.strip() == (
+        "VLLM_TP=3 must divide GPUS_PER_NODE=8 (the vLLM node runs GPUS_PER_NODE / VLLM_TP replicas)"
+    )
+
+
+SBATCH_EXAMPLE = re.compile(r"^#?\s*(?:VLLM_TP=(\d+) )?sbatch --nodes=(\d+) recipes/slurm/grpo_forking.slurm (\S+)")
+
+
+def test_every_slurm_example_uses_the_nodes_and_vllm_tensor_parallel_size_its_recipe_assumes():
+    examples = []
+    for path in ("docs/recipes.md", SLURM_SCRIPT):
+        for line in open(os.path.join(ROOT, path)):
+            if found := SBATCH_EXAMPLE.match(line.strip()):
+                examples.append(found.groups())
+    assert len(examples) >= 6
+    for tp, nodes, recipe in examples:
+        header = open(os.path.join(ROOT, recipe)).read()
+        # "Hardware assumed ...: 2 training node(s) x 8 ... 1 node running `trl vllm-serve` (tensor parallel 2, ..."
+        training = int(re.search(r"(\d+) training node\(s\)", header).group(1))
+        assumed_tp = int(re.search(r"\(tensor parallel (\d+),", header).group(1))
+        assert (int(nodes), int(tp or 1)) == (training + 1, assumed_tp), (recipe, nodes, tp)
 
 
 def test_slurm_script_asks_to_be_requeued_and_warned_before_its_time_limit():
@@ -478,11 +596,13 @@ def test_a_requeued_slurm_job_resumes_from_the_newest_checkpoint_when_there_is_o
         (output_dir / "checkpoint-50" / "trainer_state.json").write_text("{}")
     # --output_dir among the extra flags overrides the recipe's, for the script and for the launcher's check alike.
     argv = ["recipes/qwen3-8b/forking_dapo.yaml", "zero3", "--output_dir", str(output_dir)]
-    done = subprocess.run(["bash", SLURM_SCRIPT, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = _run_slurm(env, *argv)
     assert done.returncode == 0, done.stderr
-    _, launch = _slurm_records(srun_log)
-    assert ("--resume_from_checkpoint true" in launch) == has_checkpoint
-    assert launch.endswith(f"--output_dir {output_dir}")
+    _, _, launches = _slurm_records(srun_log)
+    for launch in launches:
+        resume = launch[launch.index("8000") + 1 :]  # after --vllm_server_port: the resume flag, then the user's
+        expected = ["--resume_from_checkpoint", "true"] if has_checkpoint else []
+        assert resume == [*expected, "--output_dir", str(output_dir)]
 
 
 def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
@@ -500,7 +620,7 @@ def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
         )
     try:
         deadline = time.monotonic() + 30
-        while "accelerate launch" not in (srun_log.read_text() if srun_log.exists() else ""):
+        while not (tmp_path / "accelerate.log").exists():
             assert time.monotonic() < deadline and job.poll() is None, output.read_text()
             time.sleep(0.1)
         job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends to the batch shell
@@ -543,9 +663,158 @@ def test_eval_aime_evaluates_a_training_run_at_its_start_checkpoints_and_end_for
     assert compare_runs([str(run)])["arms"][0]["seeds"] == [3]
 
 
+def _aime_file(tmp_path, name="aime_2024.jsonl", problems=(("Find 2+3.", "5"), ("Find 6*7.", "42"))):
+    path = tmp_path / name  # HuggingFaceH4/aime_2024's columns
+    path.write_text(
+        "".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, (p, a) in enumerate(problems))
+    )
+    return str(path)
+
+
+class _FakeVLLM:
+    """A stand-in for the vllm package: records the engines created (or refuses any) and answers every prompt with a
+    fixed text."""
+
+    def __init__(self, answer="Answer: 5", refuse=False):
+        from types import SimpleNamespace
+
+        engines = self.engines = []
+
+        class LLM:
+            def __init__(self, model, **kwargs):
+                assert not refuse, "a vLLM engine was created in this process"
+                engines.append((model, kwargs))
+
+            def chat(self, prompts, params):
+                return [SimpleNamespace(outputs=[SimpleNamespace(text=answer)] * params["n"]) for _ in prompts]
+
+        self.module = SimpleNamespace(LLM=LLM, SamplingParams=dict)
+
+
+def test_eval_aime_creates_one_vllm_engine_per_process_for_all_its_datasets(tmp_path, tiny_model_dir, monkeypatch):
+    module = _eval_script()
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(module, "_use_vllm", lambda backend: True)
+    first, second = _aime_file(tmp_path), _aime_file(tmp_path, "aime_2025.jsonl", (("Find 1+4.", "5"),))
+    args = module.EvalArguments(
+        model_name_or_path=tiny_model_dir, datasets=[first, second], num_samples=3, k=[1, 3],
+        tensor_parallel_size=2, output_dir=str(tmp_path / "eval"),
+    )  # fmt: skip
+    summaries = module.main(args)
+    # One engine for both datasets: a second vllm.LLM in one process may not get the GPU memory the first held.
+    assert fake.engines == [(tiny_model_dir, {"tensor_parallel_size": 2, "seed": 0})]
+    assert summaries[first]["backend"] == "vllm" and summaries[first]["num_problems"] == 2
+    assert summaries[first]["avg@3"] == 0.5 and summaries[second]["avg@3"] == 1.0  # "Answer: 5" is right for 5 only
+
+
+def test_point_argv_parses_back_into_the_same_evaluation():
+    from trl_forking.recipe_args import RecipeParser
+
+    module = _eval_script()
+    point = module.EvalArguments(
+        model_name_or_path="/runs/a b/checkpoint-50", datasets=["aime24"], num_samples=32, k=[1, 8, 32],
+        temperature=1.0, top_p=0.7, max_new_tokens=20480, backend="vllm", tensor_parallel_size=4, limit=3, seed=7,
+        output_dir="/runs/a b/eval/step-50",
+    )  # fmt: skip
+    (parsed,) = RecipeParser(module.EvalArguments).parse_recipe(module.point_argv(point))
+    assert parsed == point
+
+
+def test_eval_aime_run_dir_under_vllm_evaluates_each_step_in_a_process_of_its_own(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from trl_forking.recipe_args import RecipeParser
+    from trl_forking.study import write_run_info
+
+    module = _eval_script()
+    monkeypatch.setitem(sys.modules, "vllm", _FakeVLLM(refuse=True).module)  # no engine in the parent process
+    monkeypatch.setattr(module, "_use_vllm", lambda backend: backend != "transformers")  # as with vLLM and a GPU
+    run = tmp_path / "run"
+    write_run_info(str(run), "top", 0.2, 0, model=tiny_model_dir)
+    shutil.copytree(tiny_model_dir, run / "checkpoint-2")
+    children = []
+
+    def child(argv, check):  # what the child process does, run here with transformers instead of a GPU
+        assert argv[:2] == [sys.executable, module.__file__] and not check
+        (point,) = RecipeParser(module.EvalArguments).parse_recipe(argv[2:])
+        children.append(point)
+        module.main(module.EvalArguments(**{**module.asdict(point), "backend": "transformers"}))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(module.subprocess, "run", child)
+    args = module.EvalArguments(
+        run_dir=str(run), datasets=["arithmetic-chains"], num_samples=2, k=[1, 2], max_new_tokens=4, limit=2,
+    )  # fmt: skip
+    module.check_inputs(args)
+    records = module.evaluate_run(args)
+    assert [(p.model_name_or_path, p.backend, p.run_dir) for p in children] == [
+        (tiny_model_dir, "vllm", None),
+        (str(run / "checkpoint-2"), "vllm", None),
+    ]
+    assert [p.output_dir for p in children] == [str(run / "eval" / "step-0"), str(run / "eval" / "step-2")]
+    for record, point in zip(records, children, strict=True):
+        summary = json.load(open(os.path.join(point.output_dir, "arithmetic-chains_summary.json")))
+        assert (record["model"], record["accuracy"]) == (point.model_name_or_path, summary["avg@2"])
+
+
+def test_a_child_evaluation_runs_the_script_on_the_flags_it_is_given(tmp_path, tiny_model_dir):
+    module = _eval_script()
+    point = module.EvalArguments(
+        model_name_or_path=tiny_model_dir, datasets=[_aime_file(tmp_path)], num_samples=2, k=[1, 2],
+        max_new_tokens=4, backend="transformers", output_dir=str(tmp_path / "step-0"),
+    )  # fmt: skip
+    summary = module._evaluate_in_child(point, point.datasets[0], str(tmp_path / "forking_eval.jsonl"))
+    assert (summary["model"], summary["num_problems"], summary["settings"]["num_samples"]) == (tiny_model_dir, 2, 2)
+
+
 def test_eval_aime_refuses_a_run_dir_that_is_not_a_run(tmp_path):
     module = _eval_script()
     with pytest.raises(ValueError, match="model_name_or_path: missing"):
         module.EvalArguments()
     with pytest.raises(UsageError, match=r"run_dir: no forking_run.json in .*recipes/grpo_forking.py"):
         module.check_inputs(module.EvalArguments(run_dir=str(tmp_path)))
+
+
+# --- pyproject.toml's extras -----------------------------------------------------------------------------------------
+
+
+def _requirements(names) -> list:
+    from packaging.requirements import Requirement
+
+    return [Requirement(name) for name in names]
+
+
+def test_extras_are_trls_own_extras_at_the_pinned_trl_line():
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    (trl,) = [r for r in _requirements(project["dependencies"]) if r.name == "trl"]
+    extras = project["optional-dependencies"]
+    # What TRL's metadata offers: {extra: its requirements}, e.g. vllm -> vllm<=0.31.0,>=0.22.0, aiohttp, requests.
+    offered = {}
+    for requirement in _requirements(importlib.metadata.requires("trl")):
+        for extra in importlib.metadata.metadata("trl").get_all("Provides-Extra"):
+            if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
+                offered.setdefault(extra, []).append(requirement)
+    for name, wanted in {"deepspeed": {"deepspeed"}, "vllm": {"vllm"}, "peft": {"peft"}}.items():
+        (requirement,) = _requirements(extras[name])
+        # Delegated to TRL at the same pin as the dependency: no version of our own that could drift from TRL's.
+        assert (requirement.name, requirement.specifier, requirement.extras) == ("trl", trl.specifier, wanted)
+    (qlora,) = _requirements(extras["quantization"])
+    assert qlora.name == "trl" and qlora.extras == {"peft", "quantization"}
+    assert {r.name for r in offered["vllm"]} == {"vllm", "aiohttp", "requests"}  # the server's client needs these
+    # The tests launch DeepSpeed and train LoRA adapters: dev takes both through TRL's extras, at the pin.
+    (dev_trl,) = [r for r in _requirements(extras["dev"]) if r.name == "trl"]
+    assert {"deepspeed", "peft"} <= dev_trl.extras and dev_trl.specifier == trl.specifier
+    # The DeepSpeed the tests run on (the dev extra) is one TRL's deepspeed extra admits.
+    (deepspeed,) = [r for r in offered["deepspeed"] if r.name == "deepspeed"]
+    assert deepspeed.specifier.contains(importlib.metadata.version("deepspeed"), prereleases=True)
+    # docs/recipes.md states the ranges the extras bring: TRL's, as they are.
+    docs = open(os.path.join(ROOT, "docs", "recipes.md")).read()
+    (vllm,) = [r for r in offered["vllm"] if r.name == "vllm"]
+    for requirement in (vllm, deepspeed):
+        (stated,) = re.findall(rf"`({requirement.name}[<>=!][^`]*)`", docs)
+        assert _requirements([stated])[0].specifier == requirement.specifier, stated

@@ -13,6 +13,7 @@ from trl_forking.usage import (
     UsageError,
     check_data_source,
     check_model,
+    check_quantization,
     exit_on_usage_error,
     input_errors,
 )
@@ -145,3 +146,23 @@ def test_recipe_parser_names_the_field_and_value_in_one_line(tmp_path, yaml_text
 def test_recipe_parser_names_a_missing_config_file():
     with pytest.raises(UsageError, match=rf"--config: no file 'nope.yaml' \(from {os.getcwd()}\)"):
         _parse(["--config", "nope.yaml"])
+
+
+def test_check_quantization_refuses_what_bitsandbytes_or_transformers_would_refuse_later(monkeypatch):
+    from trl import ModelConfig
+
+    check_quantization(ModelConfig(model_name_or_path="m"))  # nothing asked: nothing checked
+    four_bit = ModelConfig(model_name_or_path="m", load_in_4bit=True)
+    with pytest.raises(UsageError, match=r"^load_in_4bit: a quantized model trains only through adapters .*--use_peft"):
+        check_quantization(four_bit)
+    eight_bit = ModelConfig(model_name_or_path="m", load_in_8bit=True, use_peft=True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "bitsandbytes" else object())
+    with pytest.raises(UsageError, match=r"^load_in_8bit: needs the bitsandbytes package, which is not installed"):
+        check_quantization(eight_bit)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # installed, but no GPU
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"^load_in_8bit: bitsandbytes quantization needs a CUDA GPU"):
+        check_quantization(eight_bit)
+    check_quantization(eight_bit, hardware=False)  # a dry run plans for the cluster's GPUs from a machine without
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    check_quantization(eight_bit)

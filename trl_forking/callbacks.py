@@ -251,6 +251,13 @@ class ForkingStatsCallback(TrainerCallback):
             self._writer = None
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """Returns (this process's rank, the number of ranks) of the default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class HeldOutEvaluationCallback(TrainerCallback):
     """Evaluates the policy on held-out problems during training and appends each result to
     ``output_dir/forking_eval.jsonl`` (the run format ``trl-forking compare`` reads, ``trl_forking.study``).
@@ -259,10 +266,12 @@ class HeldOutEvaluationCallback(TrainerCallback):
     every ``every_n_steps`` optimizer steps, and when training ends. Each record is ``{"step", "accuracy" (avg@n),
     "stderr", "pass@k", "num_problems", "num_samples"}`` from ``trl_forking.evaluation.evaluate``, sampled with a
     fixed ``seed`` so that every run and every step draws from the same random stream (differences between arms are
-    then not sampling luck). The main process generates with its own copy of the model while the other ranks wait at
-    the next collective: one process or DDP. Sharded models (DeepSpeed ZeRO-3, FSDP) are refused when training
-    begins, as one rank cannot generate from shards alone; evaluate their saved checkpoints with
-    ``recipes/eval_aime.py``.
+    then not sampling luck). Under several processes (DDP, ZeRO-1/2) every rank samples its share of the problems with
+    its own copy of the model and the verdicts are gathered, so no rank waits in a collective while another generates
+    alone (NCCL's watchdog ends a collective after 30 minutes by default); only the main process writes. The samples
+    then depend on the number of processes too: compare arms run on the same number. Sharded models (DeepSpeed
+    ZeRO-3, FSDP) are refused when training begins, as a rank cannot generate from its shard alone; evaluate their
+    saved checkpoints with ``recipes/eval_aime.py``.
 
     Args:
         problems: rows with a conversational ``prompt`` and a gold ``solution``.
@@ -303,16 +312,29 @@ class HeldOutEvaluationCallback(TrainerCallback):
         self.last_step = None
 
     def evaluate(self, model, tokenizer) -> dict:
-        """Returns the study record of ``model`` on the held-out problems (no step)."""
-        from .evaluation import evaluate
+        """Returns the study record of ``model`` on the held-out problems (no step).
 
-        result = evaluate(model, tokenizer, self.problems, **self.sampling)  # restores training mode and RNG
-        n = result["num_samples"]
+        In a process group of several ranks, rank r samples problems r, r + W, r + 2W, ... (W ranks) and the
+        per-problem verdicts of all ranks are gathered (``all_gather_object``): every rank must call this at the same
+        point, and every rank returns the same record.
+        """
+        from .evaluation import evaluate, summarize
+
+        rank, world = _rank_and_world()
+        shard = [self.problems[i] for i in range(rank, len(self.problems), world)]
+        result = evaluate(model, tokenizer, shard, **self.sampling)  # restores training mode and RNG
+        n, ks = result["num_samples"], [int(k) for k in result["pass@k"]]
+        verdicts = [{"accuracy": p["accuracy"], "pass@k": p["pass@k"]} for p in result["problems"]]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, verdicts)
+            verdicts = [row for part in gathered for row in part]
+        summary = summarize(verdicts, ks, n)
         return {
-            "accuracy": result[f"avg@{n}"],
-            "stderr": result["stderr"],
-            "pass@k": result["pass@k"],
-            "num_problems": result["num_problems"] - result["num_unscored"],
+            "accuracy": summary[f"avg@{n}"],
+            "stderr": summary["stderr"],
+            "pass@k": summary["pass@k"],
+            "num_problems": summary["num_problems"] - summary["num_unscored"],
             "num_samples": n,
         }
 
@@ -320,14 +342,14 @@ class HeldOutEvaluationCallback(TrainerCallback):
         if self.last_step == state.global_step:
             return
         self.last_step = state.global_step
+        if self.initial is not None:  # the same on every rank: none evaluates
+            result, self.initial = self.initial, None
+        else:
+            result = self.evaluate(model, tokenizer)  # on every rank, each its share
         if not state.is_world_process_zero:
             return
         from .study import append_evaluation
 
-        if self.initial is not None:
-            result, self.initial = self.initial, None
-        else:
-            result = self.evaluate(model, tokenizer)
         record = {"step": state.global_step, **result}
         append_evaluation(args.output_dir, record)
         if self.on_result is not None:

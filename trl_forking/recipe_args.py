@@ -33,6 +33,11 @@ class RecipeParser(TrlParser):
     _config_path: str | None = None
     _config_keys: frozenset[str] = frozenset()
 
+    @property
+    def config_path(self) -> str | None:
+        """Returns the YAML file the last ``parse_recipe`` read (the default config included), or None."""
+        return self._config_path
+
     def error(self, message):
         # argparse calls this for an invalid choice, a bad number, a missing required flag; it would print the whole
         # usage block and exit. The script's edge prints the one line instead.

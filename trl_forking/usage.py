@@ -11,6 +11,7 @@ error too.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ __all__ = [
     "UsageError",
     "check_data_source",
     "check_model",
+    "check_quantization",
     "exit_on_usage_error",
     "input_errors",
     "one_line",
@@ -137,3 +139,35 @@ def check_data_source(name: str, field: str) -> str:
             "dataset folder or a Hub dataset name"
         )
     return name
+
+
+def check_quantization(model_args, hardware: bool = True) -> None:
+    """Returns None after checking that the bitsandbytes quantization ``model_args`` (TRL's ``ModelConfig``) asks for,
+    ``load_in_4bit`` or ``load_in_8bit``, can be trained; raises ``UsageError`` naming the field otherwise.
+
+    A quantized model trains only through adapters (transformers refuses a purely quantized one, after loading it),
+    so ``use_peft`` must be on. With ``hardware``, bitsandbytes must also be installed and a CUDA device present: the
+    recipes' quantization runs on CUDA only, and without these checks the failure came minutes later, deep in
+    ``from_pretrained``. A dry run plans on a machine without the GPUs and passes ``hardware=False``.
+    """
+    field = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+    if field is None:
+        return
+    if not model_args.use_peft:
+        raise UsageError(
+            f"{field}: a quantized model trains only through adapters (transformers refuses to fine-tune a purely "
+            "quantized model); add --use_peft true (QLoRA), or drop the flag"
+        )
+    if not hardware:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(
+            f"{field}: needs the bitsandbytes package, which is not installed (pip install -e '.[quantization]')"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"{field}: bitsandbytes quantization needs a CUDA GPU and torch sees none; drop the flag "
+            "(--use_peft true alone trains bf16 LoRA adapters anywhere)"
+        )
