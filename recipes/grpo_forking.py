@@ -295,8 +295,9 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
     last = {
         k: v for entry in trainer.state.log_history for k, v in entry.items() if k.startswith(("forking/", "reward"))
     }
-    for name in sorted(last):
-        trainer.accelerator.print(f"  {name:40s} {last[name]:.4g}")
+    for name in sorted(last):  # a metric with nothing to average (NaN) is logged as None
+        value = "n/a" if last[name] is None else f"{last[name]:.4g}"
+        trainer.accelerator.print(f"  {name:40s} {value}")
     if before is not None:
         from trl_forking.evaluation import format_evaluation
 

@@ -373,6 +373,8 @@ def _log_history(output_dir) -> list[dict]:
 def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupted_run_does(tmp_path, tiny_model_dir):
     # Random selection: the tokens that enter the loss then depend on state a resume must restore too.
     common = ["--model_name_or_path", tiny_model_dir, "--forking_selection", "random", "--max_steps", "4"]
+    # Partial credit: the random tiny model never states the exact answer, and zero advantages select nothing.
+    common += ["--reward_funcs", "math_accuracy", "numeric_closeness"]
     common += ["--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
     common += ["--per_device_train_batch_size", "16"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -386,6 +388,7 @@ def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupte
     # Steps 3 and 4 were trained again from the checkpoint: same losses, rewards and forking metrics (threshold,
     # selected fraction, selected and unselected entropy means), to the last bit.
     assert got[2:4] == expected[2:4] and "forking/entropy_selected_mean" in got[3]
+    assert all(entry["forking/selected_fraction"] > 0 for entry in got[:4])  # the random draws mattered
     changed = _changed_parameters(str(whole), str(resumed))
     assert not any(changed.values()), [name for name, c in changed.items() if c]
 

@@ -2,7 +2,6 @@
 ``forking_refresh_entropies`` re-selects it on the current one, and ``forking/mask_overlap_current`` says how far
 apart the two are."""
 
-import pytest
 from fixed_batch import scripted_generate
 from trl import GRPOTrainer
 
@@ -39,7 +38,7 @@ def train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overrides):
     original = trainer._entropy_forward
     trainer._entropy_forward = lambda batch: calls.append(1) or original(batch)
     trainer.train()
-    overlaps = [e["forking/mask_overlap_current"] for e in trainer.state.log_history if "forking/threshold" in e]
+    overlaps = [e.get("forking/mask_overlap_current") for e in trainer.state.log_history if "forking/threshold" in e]
     return trainer, overlaps, len(calls)
 
 
@@ -48,11 +47,19 @@ def test_a_later_step_of_a_rollout_selects_on_older_entropies_and_the_overlap_sh
 ):
     _, overlaps, extra = train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch)
     assert len(overlaps) == STEPS_PER_ROLLOUT
-    # Step 1 trains the weights that generated the rollout: its mask is what the current policy selects.
-    assert overlaps[0] == pytest.approx(1.0)
+    # Step 1 trains the weights that generated the rollout: nothing stale to measure.
+    assert overlaps[0] is None
     # Later steps select on entropies one or more updates old; the metric is a share and moves off 1.
-    assert all(0.0 <= value <= 1.0 for value in overlaps) and min(overlaps[1:]) < 1.0
-    assert extra == 0  # the entropies came with TRL's old-log-prob pass (spg > GA): no forward of our own
+    assert all(0.0 <= value <= 1.0 for value in overlaps[1:]) and min(overlaps[1:]) < 1.0
+    # The selection's entropies came with TRL's old-log-prob pass (spg > GA); the current ones, which the compact
+    # head does not compute, cost one no-grad forward per logged stale step.
+    assert extra == STEPS_PER_ROLLOUT - 1
+
+
+def test_with_the_full_head_the_overlap_costs_no_forward(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch):
+    _, overlaps, extra = train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, forking_compact_lm_head=False)
+    assert overlaps[0] is None and all(0.0 <= value <= 1.0 for value in overlaps[1:])
+    assert extra == 0  # the training forward's own entropies
 
 
 def test_refreshing_reselects_every_later_step_on_the_current_policy(
@@ -62,7 +69,7 @@ def test_refreshing_reselects_every_later_step_on_the_current_policy(
     trainer, overlaps, extra = train(
         tiny_model_dir, prompt_dataset, tmp_path / "fresh", monkeypatch, forking_refresh_entropies=True
     )
-    assert overlaps == pytest.approx([1.0] * STEPS_PER_ROLLOUT, abs=1e-6)
+    assert overlaps == [None] * STEPS_PER_ROLLOUT  # no step trains a mask an older policy chose
     assert extra == STEPS_PER_ROLLOUT - 1  # one no-grad forward per step after the first of the rollout
 
     def logged(run, name):

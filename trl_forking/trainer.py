@@ -312,21 +312,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
             and not self.aux_loss_enabled
         )
 
-    def _staleness_possible(self) -> bool:
-        """Whether a precomputed mask can be older than the policy it trains: several optimizer steps per rollout."""
-        return (
-            self.args.steps_per_generation > self.args.gradient_accumulation_steps or self.num_iterations > 1
-        ) and self.forking.forking_selection in ("top", "bottom")
-
-    def _samples_staleness(self) -> bool:
-        """Whether this micro-batch measures ``forking/mask_overlap_current``: the first of each logged optimizer
-        step, when staleness is possible. It needs every position's current entropy, so it skips the compact head."""
+    def _current_entropies(self, entropies: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+        """Returns the current policy's (B, T) entropies of a training micro-batch whose mask an older policy chose,
+        for ``forking/mask_overlap_current``: the training forward's when it projected every position, else one
+        no-grad forward on the first micro-batch of each logged optimizer step (None on the others; the compact head
+        did not compute them)."""
+        if self._forking_full_head:
+            return entropies
         logging_steps = getattr(self.state, "logging_steps", None) or 1
-        return (
-            self._staleness_possible()
-            and self._step % self.args.gradient_accumulation_steps == 0
-            and (self.state.global_step + 1) % logging_steps == 0
-        )
+        if self._step % self.args.gradient_accumulation_steps or (self.state.global_step + 1) % logging_steps:
+            return None
+        return self._entropy_forward(inputs)
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=False, **kwargs
@@ -337,7 +333,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 self._forking_compacts
                 and self.model.training
                 and "forking_mask" in inputs
-                and not self._samples_staleness()
                 and not args
                 and not kwargs.get("compute_aux_loss")
                 and all(v is None for k, v in kwargs.items() if k not in ("batch_size", "compute_aux_loss"))
@@ -557,6 +552,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         slices[members[0]]["forking_step_metrics"] = self._forking_metrics(entropies, mask, selected, step_completion)
         for j, part in zip(members, selected.split([population[j].size(0) for j in members]), strict=True):
             slices[j]["forking_mask"] = part
+            slices[j]["forking_policy_step"] = self.state.global_step  # the optimizer step whose weights chose it
 
     def _refresh_step(self, slices: list[dict]) -> None:
         """Re-selects the optimizer step that starts at this micro-step on the current policy's entropies (one
@@ -571,6 +567,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         completion, population = self._masks(slices)
         generator = self._window_generator(window, members, start)
         self._select_step(slices, completion, population, members, self.forking.forking_scope, generator)
+
+    def _tracks_staleness(self) -> bool:
+        """Whether the selection depends on the entropies (so that an older policy's could select other tokens)."""
+        return self.forking.forking_selection in ("top", "bottom")
 
     def _overlap_with_current(self, entropies, population, selected) -> float:
         """Returns ``|M & C| / |M|`` over all ranks: ``M`` the micro-batch's precomputed selection, ``C`` as many of
@@ -654,8 +654,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
             scores = inputs["forking_entropies"]
             if "forking_step_metrics" in inputs:
                 self._log_forking_metrics(inputs["forking_step_metrics"], mode)
-            if self._staleness_possible() and self._forking_full_head:
-                overlap = self._overlap_with_current(entropies, population, selected)
+            # A mask chosen at an earlier optimizer step (several steps per rollout, no refresh) is stale by as much
+            # as this shows; every rank takes the same branch (step counters and options only).
+            stale = inputs.get("forking_policy_step", self.state.global_step) < self.state.global_step
+            current = self._current_entropies(entropies, inputs) if stale and self._tracks_staleness() else None
+            if current is not None:
+                overlap = self._overlap_with_current(current, population, selected)
                 self._log_forking_metrics({"forking/mask_overlap_current": overlap}, mode)
         self.forking_last_batch = {
             "completion_ids": inputs["completion_ids"],
