@@ -12,11 +12,12 @@ Shapes:
 - ``varied``: 8 completions per optimizer step in 4 micro-batches of 2, lengths from a long-tailed distribution
   (``_lengths``: mean about a quarter of the 256-token maximum): TRL pads every micro-batch to the rollout's longest.
 
-Time: CPU seconds per optimizer step (one torch thread), median over the measured steps, runs interleaved in rounds
-(TRL, ours, TRL, ours, ...) so a slow spell of a shared machine hits both. Memory: the peak RSS growth of a training
-run over the loaded model, in a process of its own per run. ``flops``: the training step of Qwen3-0.6B, 8B and 32B at
-the recipes' shapes, counted with TRL's ``compute_flops_per_token``, as TRL computes it today and as this package
-does.
+Time: CPU seconds per optimizer step (one torch thread), the median over rollouts of their mean step, runs
+interleaved in rounds (TRL, ours, TRL, ours, ...) so a slow spell of a shared machine hits both. Memory: the peak RSS
+a training run adds over the trainer it starts from, in a process of its own per run (``common.peak_rss_delta``):
+on CPU what a micro-step's activations, logits tiles and gradients take at most. ``flops``: the training step of
+Qwen3-0.6B, 8B and 32B at the recipes' shapes, counted with TRL's ``compute_flops_per_token``, as TRL computes it
+today and as this package does.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ SHAPES = {
     "varied": {"batch": 2, "accumulation": 4, "max_tokens": 256, "mean_share": 0.25},
 }
 RUNS = ("trl_q0.2", "forking")
-FULL = {"shapes": list(SHAPES), "warmup_steps": 2, "steps": 4, "rounds": 2, "memory": True}
+FULL = {"shapes": list(SHAPES), "warmup_steps": 2, "steps": 4, "rounds": 2, "memory": True}  # steps: 2 rollouts
 QUICK = {"shapes": ["varied"], "warmup_steps": 0, "steps": 2, "rounds": 1, "memory": False, "scale": 8}
 # Qwen3 dense models (their Hub config.json): hidden, layers, heads, KV heads, head dim, MLP, vocabulary.
 QWEN3 = {
@@ -83,7 +84,7 @@ def build_model_dir(path: str) -> str:
     config = Qwen3Config(
         vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(path)
@@ -115,8 +116,9 @@ def ids_reward(completions, completion_ids=None, **kwargs):
     return [float(sum(ids) % 7) for ids in completion_ids]
 
 
-def _train(model_dir: str, shape: dict, name: str, steps: int, out_dir: str) -> list[float]:
-    """Returns the CPU seconds of every optimizer step of one training run of ``name`` on ``shape``."""
+def _trainer(model_dir: str, shape: dict, name: str, steps: int, out_dir: str):
+    """Returns ``(trainer, seconds)``: a trainer of ``name`` on ``shape`` ready to train, and the list its callback
+    fills with the CPU seconds of every optimizer step."""
     from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -125,9 +127,8 @@ def _train(model_dir: str, shape: dict, name: str, steps: int, out_dir: str) -> 
 
     eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
     GRPOTrainer._generate_single_turn = _scripted_generation(shape, eos)
-    config_class, trainer_class = (
-        (GRPOConfig, GRPOTrainer) if name == "trl_q0.2" else (ForkingGRPOConfig, ForkingGRPOTrainer)
-    )
+    ours = name != "trl_q0.2"
+    config_class, trainer_class = (ForkingGRPOConfig, ForkingGRPOTrainer) if ours else (GRPOConfig, GRPOTrainer)
     accumulation = shape["accumulation"]
     args = config_class(
         output_dir=out_dir, per_device_train_batch_size=shape["batch"], gradient_accumulation_steps=accumulation,
@@ -148,22 +149,34 @@ def _train(model_dir: str, shape: dict, name: str, steps: int, out_dir: str) -> 
     trainer = trainer_class(model=model_dir, reward_funcs=ids_reward, args=args, train_dataset=dataset)
     trainer.add_callback(StepClock())
     trainer.remove_callback(PrinterCallback)
+    return trainer, seconds
+
+
+def _train(model_dir: str, shape: dict, name: str, steps: int, out_dir: str) -> list[float]:
+    """Returns the CPU seconds of every optimizer step of one training run of ``name`` on ``shape``."""
+    trainer, seconds = _trainer(model_dir, shape, name, steps, out_dir)
     trainer.train()
     return seconds
 
 
+def _per_rollout(seconds: list[float]) -> list[float]:
+    """Returns the mean seconds per optimizer step of each rollout (2 steps: one with generation and the old-log-prob
+    pass, one without), so that a median does not pick heavy or light steps alone."""
+    return [statistics.fmean(seconds[i : i + 2]) for i in range(0, len(seconds) - 1, 2)]
+
+
 def _peak_memory(model_dir: str, shape_name: str, name: str, steps: int) -> int:
-    """Returns the peak RSS growth in bytes of a training run of ``name`` over its loaded model, measured in a
-    process of its own (``ru_maxrss`` is a process's high-water mark)."""
+    """Returns the peak RSS in bytes that training ``name`` on ``shape_name`` adds above the memory resident with the
+    trainer built (``common.peak_rss_delta``), in a process of its own whose freed buffers go back to the kernel."""
     code = (
-        "import json, os, resource, sys, tempfile; sys.path.insert(0, sys.argv[1]); import bench_step_cost as b; "
-        "b.quiet(); from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[2]); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "b._train(sys.argv[2], b.SHAPES[sys.argv[3]], sys.argv[4], int(sys.argv[5]), tempfile.mkdtemp()); "
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024))"
+        "import json, sys, tempfile; sys.path.insert(0, sys.argv[1]); import bench_step_cost as b; "
+        "from common import peak_rss_delta; b.quiet(); "
+        "trainer, _ = b._trainer(sys.argv[2], b.SHAPES[sys.argv[3]], sys.argv[4], int(sys.argv[5]), "
+        "tempfile.mkdtemp()); "
+        "print(json.dumps(peak_rss_delta(trainer.train)[0]))"
     )
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(
         [sys.executable, "-c", code, here, model_dir, shape_name, name, str(steps)],
         capture_output=True, text=True, env=env, check=True,
@@ -237,8 +250,9 @@ def run(plan=FULL, log=print) -> dict:
             for shape_name, shape in shapes.items():
                 for run_name in RUNS:
                     measured = _train(model_dir, shape, run_name, steps, os.path.join(tmp, f"{shape_name}-{run_name}"))
-                    seconds[shape_name][run_name] += measured[plan["warmup_steps"] :]
-                    median = statistics.median(measured)
+                    cycles = _per_rollout(measured[plan["warmup_steps"] :])
+                    seconds[shape_name][run_name] += cycles
+                    median = statistics.median(cycles)
                     log(f"  e. round {round_index} {shape_name:10s} {run_name:9s} {median:.3f} s/step CPU")
         if plan["memory"]:
             for shape_name in shapes:
