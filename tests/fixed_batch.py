@@ -100,11 +100,11 @@ def run_steps(trainer, batch: FixedBatch, monkeypatch, steps: int):
         ]
     )
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(next(outputs)))
-    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: batch.entropies[row_order_of(b)].clone())
+    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: fixed_entropies(batch, b))
 
     def forward(model, input_ids, *args, **kwargs):
-        order = row_order(input_ids)
-        return logps[order], entropies[order], None
+        order, width = row_order(input_ids), input_ids.size(1) - len(PROMPT)  # the completion columns it was given
+        return logps[order, :width], entropies[order, :width], None
 
     monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
     trainer._buffered_inputs = None
@@ -135,11 +135,11 @@ def run_step(trainer, batch: FixedBatch, monkeypatch, accumulation: int = 1):
     entropies = batch.entropies.clone().requires_grad_(True)
     output = generation_output(batch)
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(output))
-    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: batch.entropies[row_order_of(b)].clone())
+    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: fixed_entropies(batch, b))
 
     def forward(model, input_ids, *args, **kwargs):
-        order = row_order(input_ids)
-        return logps[order], entropies[order], None
+        order, width = row_order(input_ids), input_ids.size(1) - len(PROMPT)  # the completion columns it was given
+        return logps[order, :width], entropies[order, :width], None
 
     monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
     trainer._buffered_inputs = None
@@ -162,12 +162,18 @@ def row_order_of(generation_batch: dict) -> list[int]:
     return (generation_batch["completion_ids"][:, 0] - ROW_TOKEN).tolist()
 
 
+def fixed_entropies(batch: FixedBatch, inputs: dict) -> torch.Tensor:
+    """Stands in for ``_entropy_forward``: the fixed entropies of ``inputs``' rows, as wide as its completions."""
+    return batch.entropies[row_order_of(inputs), : inputs["completion_ids"].size(1)].clone()
+
+
 def selected_rows(micro_batches: list[dict], shape) -> torch.Tensor:
     """Returns the (B, T) forking mask the trainer put on the micro-batches, in batch-row order."""
     selected = torch.zeros(shape, dtype=torch.bool)
     for inputs in micro_batches:
         order = (inputs["completion_ids"][:, 0] - ROW_TOKEN).tolist()
-        selected[order] = inputs["forking_mask"]
+        mask = inputs["forking_mask"]  # trimmed to the micro-batch's longest completion
+        selected[order, : mask.size(1)] = mask
     return selected
 
 

@@ -324,8 +324,11 @@ def test_drop_in_plain_grpo_script_trains_and_changes_every_parameter(tiny_model
 
 def test_entropies_come_from_trls_old_logprob_pass_without_an_extra_forward(tiny_model_dir, prompt_dataset, tmp_path):
     calls = {}
-    for iterations in (1, 2):
-        args = make_args(tmp_path / str(iterations), num_iterations=iterations, max_steps=2)
+    for iterations, logging_steps in ((1, 10), (2, 10), (2, 1)):
+        args = make_args(
+            tmp_path / f"{iterations}-{logging_steps}", num_iterations=iterations, max_steps=2,
+            logging_steps=logging_steps,
+        )  # fmt: skip
         trainer = make_trainer(tiny_model_dir, prompt_dataset, args)
         count = {"extra": 0}
         original = trainer._entropy_forward
@@ -338,10 +341,12 @@ def test_entropies_come_from_trls_old_logprob_pass_without_an_extra_forward(tiny
         recorded = record_first_generation_masks(trainer)
         trainer.train()
         assert all(entropies is not None for _, entropies, _ in recorded.values())
-        calls[iterations] = count["extra"]
+        calls[iterations, logging_steps] = count["extra"]
     # num_iterations=1: TRL skips old log-probs, so one extra forward per generation batch (2 steps, 2 batches);
-    # num_iterations=2: TRL computes them once per generation batch and we reuse that pass.
-    assert calls == {1: 2, 2: 0}
+    # num_iterations=2: TRL computes them once per generation batch and we reuse that pass. Step 2 then trains on
+    # step 1's mask; when it is logged, forking/mask_overlap_current costs one no-grad forward (the compact head
+    # does not compute the current entropies of every token), and only then.
+    assert calls == {(1, 10): 2, (2, 10): 0, (2, 1): 1}
 
 
 def record_selections(trainer):
