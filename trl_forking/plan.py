@@ -405,6 +405,7 @@ def make_plan(script_args, args, model_args, launch: Launch, model_config, vllm_
         "rho": args.top_entropy_quantile,
         "scope": args.forking_scope,
         "normalization": args.forking_loss_normalization,
+        "ignore_zero_advantage": getattr(args, "forking_ignore_zero_advantage", False),
         **_selection(args, per_step, world),
     }
 
@@ -539,7 +540,13 @@ def format_plan(plan: dict, recipe: str | None = None) -> str:
         (
             "Selection",
             f"{_n(tokens['selected'])} tokens per optimizer step at that length: {share[tokens['selection']]} by "
-            f"entropy, {scope} (forking_scope {tokens['scope']}); the policy gradient is divided by {denominator}",
+            f"entropy, {scope} (forking_scope {tokens['scope']}); the policy gradient is divided by {denominator}"
+            + (
+                "; completions whose advantage is 0 are left out of the ranking and the counts "
+                "(forking_ignore_zero_advantage), so fewer tokens train when groups have equal rewards"
+                if tokens["ignore_zero_advantage"] and tokens["selection"] != "all"
+                else ""
+            ),
         )
     )
     if memory.get("estimator"):
