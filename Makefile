@@ -1,4 +1,4 @@
-.PHONY: install test lint format bench demo
+.PHONY: install test lint format bench demo docs-figures
 
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev]"
@@ -17,3 +17,7 @@ bench:
 
 demo:
 	python recipes/grpo_forking.py
+
+# Every figure of README.md and docs/ from scratch (about an hour on 2 cores): docs/figures.py.
+docs-figures:
+	python docs/figures.py
