@@ -9,6 +9,7 @@ generation batch before splitting it into micro-batches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -91,14 +92,33 @@ def run_steps(trainer, batch: FixedBatch, monkeypatch, steps: int):
     per_generation *= args.steps_per_generation
     assert batch.shape[0] == steps * accumulation * args.per_device_train_batch_size
     assert batch.shape[0] % per_generation == 0
-    logps = batch.logps.clone().requires_grad_(True)
-    entropies = batch.entropies.clone().requires_grad_(True)
     outputs = iter(
         [
             generation_output(batch, slice(start, start + per_generation))
             for start in range(0, batch.shape[0], per_generation)
         ]
     )
+    return _train(trainer, batch, monkeypatch, outputs, steps * accumulation, accumulation, count_optimizer_steps=True)
+
+
+def run_step(trainer, batch: FixedBatch, monkeypatch, accumulation: int = 1):
+    """Returns ``(logps, entropies, losses, micro_batches)`` after one optimizer step's micro-batches went through the
+    trainer's real ``_prepare_inputs`` and ``compute_loss`` and each loss was back-propagated.
+
+    ``logps`` and ``entropies`` are the (B, T) leaves (their ``.grad`` holds the step's gradient); ``micro_batches``
+    are the inputs ``compute_loss`` received.
+    """
+    output = generation_output(batch)
+    return _train(trainer, batch, monkeypatch, itertools.repeat(output), accumulation, accumulation)
+
+
+def _train(trainer, batch, monkeypatch, outputs, micro_steps: int, accumulation: int, count_optimizer_steps=False):
+    """Runs ``micro_steps`` micro-steps of the trainer's real ``_prepare_inputs`` + ``compute_loss`` + backward, each
+    generation TRL asks for taking the next of ``outputs``, the forward replaced by the fixed leaves; returns
+    ``(logps, entropies, losses, micro_batches)``. ``count_optimizer_steps`` advances ``state.global_step`` after every
+    ``accumulation`` micro-steps, as the training loop would."""
+    logps = batch.logps.clone().requires_grad_(True)
+    entropies = batch.entropies.clone().requires_grad_(True)
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(next(outputs)))
     monkeypatch.setattr(trainer, "_entropy_forward", lambda b: fixed_entropies(batch, b))
 
@@ -112,48 +132,15 @@ def run_steps(trainer, batch: FixedBatch, monkeypatch, steps: int):
     trainer.current_gradient_accumulation_steps = accumulation  # set by the training loop, bypassed here
     trainer.model.train()
     losses, micro_batches = [], []
-    for micro_step in range(steps * accumulation):
+    for micro_step in range(micro_steps):
         inputs = trainer._prepare_inputs([{}])
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
         losses.append(loss.detach())
         micro_batches.append(inputs)
         trainer._step += 1
-        if (micro_step + 1) % accumulation == 0:
+        if count_optimizer_steps and (micro_step + 1) % accumulation == 0:
             trainer.state.global_step += 1
-    return logps, entropies, losses, micro_batches
-
-
-def run_step(trainer, batch: FixedBatch, monkeypatch, accumulation: int = 1):
-    """Returns ``(logps, entropies, losses, micro_batches)`` after one optimizer step's micro-batches went through the
-    trainer's real ``_prepare_inputs`` and ``compute_loss`` and each loss was back-propagated.
-
-    ``logps`` and ``entropies`` are the (B, T) leaves (their ``.grad`` holds the step's gradient); ``micro_batches``
-    are the inputs ``compute_loss`` received.
-    """
-    logps = batch.logps.clone().requires_grad_(True)
-    entropies = batch.entropies.clone().requires_grad_(True)
-    output = generation_output(batch)
-    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(output))
-    monkeypatch.setattr(trainer, "_entropy_forward", lambda b: fixed_entropies(batch, b))
-
-    def forward(model, input_ids, *args, **kwargs):
-        order, width = row_order(input_ids), input_ids.size(1) - len(PROMPT)  # the completion columns it was given
-        return logps[order, :width], entropies[order, :width], None
-
-    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", forward)
-    trainer._buffered_inputs = None
-    trainer._step = 0
-    trainer.current_gradient_accumulation_steps = accumulation  # set by the training loop, bypassed here
-    trainer.model.train()
-    losses, micro_batches = [], []
-    for _ in range(accumulation):
-        inputs = trainer._prepare_inputs([{}])
-        loss = trainer.compute_loss(trainer.model, inputs)
-        loss.backward()
-        losses.append(loss.detach())
-        micro_batches.append(inputs)
-        trainer._step += 1
     return logps, entropies, losses, micro_batches
 
 
