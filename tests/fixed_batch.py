@@ -17,6 +17,13 @@ from trl import GRPOTrainer
 
 ROW_TOKEN = 100
 PROMPT = [5, 6, 7]
+# The settings every trainer of these tests shares: CPU, float32, nothing saved or reported, seed 0.
+OFFLINE_CPU = dict(report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0)
+
+
+def distinct_tokens_reward(completions, **kwargs):
+    """A reward that differs across a group's completions: the number of distinct tokens, ties broken by length."""
+    return [float(len(set(c))) + 0.01 * len(c) for c in completions]
 
 
 @dataclass

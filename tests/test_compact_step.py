@@ -10,17 +10,13 @@ import math
 
 import pytest
 import torch
-from fixed_batch import scripted_generate
+from fixed_batch import OFFLINE_CPU, distinct_tokens_reward, scripted_generate
 from trl import GRPOTrainer
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"]
 ACCUMULATION = 2
-
-
-def reward(completions, **kwargs):
-    return [float(len(set(c))) + 0.01 * len(c) for c in completions]
 
 
 def make_trainer(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overrides):
@@ -32,17 +28,16 @@ def make_trainer(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overri
         steps_per_generation=ACCUMULATION,
         num_generations=4,
         max_completion_length=12,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
+        **OFFLINE_CPU,
     )
     settings.update(overrides)
     if settings.get("loss_type") == "luspo":
         settings["importance_sampling_level"] = "sequence"
     trainer = ForkingGRPOTrainer(
-        model=tiny_model_dir, reward_funcs=reward, args=ForkingGRPOConfig(**settings), train_dataset=prompt_dataset
+        model=tiny_model_dir,
+        reward_funcs=distinct_tokens_reward,
+        args=ForkingGRPOConfig(**settings),
+        train_dataset=prompt_dataset,
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = ACCUMULATION

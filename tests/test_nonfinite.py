@@ -5,15 +5,11 @@ import math
 
 import pytest
 import torch
-from fixed_batch import make_batch, run_step
+from fixed_batch import OFFLINE_CPU, distinct_tokens_reward, make_batch, run_step
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
-
-
-def reward(completions, **kwargs):
-    return [float(len(set(c))) + 0.01 * len(c) for c in completions]
 
 
 def make_trainer(model, prompt_dataset, tmp_path, **overrides):
@@ -25,15 +21,14 @@ def make_trainer(model, prompt_dataset, tmp_path, **overrides):
         max_steps=2,
         learning_rate=1e-2,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
+        **OFFLINE_CPU,
     )
     settings.update(overrides)
     return ForkingGRPOTrainer(
-        model=model, reward_funcs=reward, args=ForkingGRPOConfig(**settings), train_dataset=prompt_dataset
+        model=model,
+        reward_funcs=distinct_tokens_reward,
+        args=ForkingGRPOConfig(**settings),
+        train_dataset=prompt_dataset,
     )
 
 
@@ -98,7 +93,7 @@ def test_a_model_that_masks_part_of_its_vocabulary_trains_with_finite_entropies(
     )  # fmt: skip
     from trl import GRPOTrainer
 
-    baseline = GRPOTrainer(model=model, reward_funcs=reward, args=plain, train_dataset=prompt_dataset)
+    baseline = GRPOTrainer(model=model, reward_funcs=distinct_tokens_reward, args=plain, train_dataset=prompt_dataset)
     baseline.train()
     value = next(e["entropy"] for e in baseline.state.log_history if "entropy" in e)
     assert value is None or math.isnan(value)

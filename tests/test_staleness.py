@@ -2,16 +2,12 @@
 ``forking_refresh_entropies`` re-selects it on the current one, and ``forking/mask_overlap_current`` says how far
 apart the two are."""
 
-from fixed_batch import scripted_generate
+from fixed_batch import OFFLINE_CPU, distinct_tokens_reward, scripted_generate
 from trl import GRPOTrainer
 
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 
 STEPS_PER_ROLLOUT = 4
-
-
-def reward(completions, **kwargs):
-    return [float(len(set(c))) + 0.01 * len(c) for c in completions]
 
 
 def train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overrides):
@@ -26,14 +22,12 @@ def train(tiny_model_dir, prompt_dataset, tmp_path, monkeypatch, **overrides):
         max_steps=STEPS_PER_ROLLOUT,
         learning_rate=3e-2,  # a policy that moves within one rollout
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
+        **OFFLINE_CPU,
         **overrides,
     )
-    trainer = ForkingGRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=args, train_dataset=prompt_dataset)
+    trainer = ForkingGRPOTrainer(
+        model=tiny_model_dir, reward_funcs=distinct_tokens_reward, args=args, train_dataset=prompt_dataset
+    )
     calls = []
     original = trainer._entropy_forward
     trainer._entropy_forward = lambda batch: calls.append(1) or original(batch)
@@ -90,5 +84,7 @@ def test_refreshing_is_a_no_op_where_every_step_has_its_own_rollout(
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
         max_steps=2, report_to="none", save_strategy="no", use_cpu=True, bf16=False, **args,
     )  # fmt: skip
-    trainer = ForkingGRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=config, train_dataset=prompt_dataset)
+    trainer = ForkingGRPOTrainer(
+        model=tiny_model_dir, reward_funcs=distinct_tokens_reward, args=config, train_dataset=prompt_dataset
+    )
     assert not trainer._refreshes_entropies()
