@@ -78,7 +78,7 @@ def build_model_dir(path: str) -> str:
     package's tiny tokenizer (its EOS ends the scripted completions)."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from trl_forking import build_tiny_model
+    from trl_forking.testing import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
     config = Qwen3Config(

@@ -82,7 +82,7 @@ def build_model_dir(path: str) -> str:
     package's tiny tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 
-    from trl_forking import build_tiny_model
+    from trl_forking.testing import build_tiny_model
 
     tiny = build_tiny_model()
     config = AutoConfig.from_pretrained(tiny)

@@ -31,7 +31,7 @@ CACHE = os.path.join(WORK, "cache")  # XDG_CACHE_HOME of every command: base mod
 VALUES = os.path.join(FIGURES, "values.json")
 PAGES = ["README.md", *(os.path.join("docs", name) for name in ("task.md", "analysis.md", "ablation.md", "recipes.md"))]
 MARKER = re.compile(r"<!--fig:([\w.\-]+)-->(.*?)<!--/fig-->", re.DOTALL)
-TEST_PROMPTS = "trl_forking/data/arithmetic-chains/test.jsonl"
+TEST_PROMPTS = "trl_forking/tasks/arithmetic_chains/data/test.jsonl"
 EVAL_T1 = "--datasets arithmetic-chains --num_samples 8 --k 1 8 --temperature 1.0 --top_p 1.0 --max_new_tokens 48"
 EVAL_T1 += " --backend transformers --batch_size 256"
 ANALYZE = f"--prompts {TEST_PROMPTS} --num-samples 200 --num-generations 4 --max-new-tokens 48"
@@ -88,7 +88,10 @@ def block(text: str, language: str = "text") -> str:
 def base_dir(seed: int = 0, *flags: str) -> str:
     """Returns the directory of the base model of the default recipe with ``--seed seed`` and ``flags``, built."""
     extra = " ".join(flags)
-    return run(f"base-dir-{seed}", f"python -m trl_forking.base_model --seed {seed} --no-progress {extra}").split()[-1]
+    return run(
+        f"base-dir-{seed}",
+        f"python -m trl_forking.scripts.base_model --seed {seed} --no-progress {extra}",
+    ).split()[-1]
 
 
 def _build_record(path: str) -> dict:
@@ -117,7 +120,7 @@ def _demo_figures(out: str) -> dict:
 
 def job_base(values: dict) -> dict:
     shutil.rmtree(os.path.join(CACHE, "trl-forking"), ignore_errors=True)  # an empty cache: a fresh machine's build
-    out, seconds = timed("base", "python -m trl_forking.base_model --no-progress")
+    out, seconds = timed("base", "python -m trl_forking.scripts.base_model --no-progress")
     path = out.split()[-1]
     record = _build_record(path)
     return {
@@ -381,7 +384,11 @@ def job_cause(values: dict) -> dict:
             tag = f"cause-{recipe_name}-{index}"
             cache = f"{WORK}/cause-cache-{index}"  # a cache per kernel setting: each build is its own
             shutil.rmtree(cache, ignore_errors=True)
-            path = run(tag, f"python -m trl_forking.base_model --no-progress --cache-dir {cache} {flags}", **env)
+            path = run(
+                tag,
+                f"python -m trl_forking.scripts.base_model --no-progress --cache-dir {cache} {flags}",
+                **env,
+            )
             path = path.split()[-1]
             pass1, pass8, _ = _eval_figures(
                 run(f"{tag}-eval", f"python recipes/eval_aime.py --model_name_or_path {path} {EVAL_T1} "

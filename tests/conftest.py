@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of a tiny random GPT-2 with a locally trained BPE tokenizer (Hub layout)."""
-    from trl_forking import build_tiny_model
+    from trl_forking.testing import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-gpt2")))
 
@@ -78,7 +78,7 @@ def default_base_cache():
     The one fixture that builds the real recipe (about 1.5 minutes on 2 cores): only tests marked ``slow`` may use
     it. Every subprocess of the session inherits this ``XDG_CACHE_HOME`` and finds the model cached.
     """
-    from trl_forking.base_model import build_base_model
+    from trl_forking.tasks.arithmetic_chains.base_model import build_base_model
 
     build_base_model(cache_dir=os.path.join(SESSION_CACHE, "trl-forking"), progress=False)
     return SESSION_CACHE
@@ -87,6 +87,6 @@ def default_base_cache():
 @pytest.fixture(scope="session")
 def default_base_model(default_base_cache):
     """Path of the default base model inside ``default_base_cache``."""
-    from trl_forking.base_model import base_model_dir
+    from trl_forking.tasks.arithmetic_chains.base_model import base_model_dir
 
     return base_model_dir(cache_dir=os.path.join(default_base_cache, "trl-forking"))

@@ -69,11 +69,8 @@ def test_quick_study_writes_one_record_per_run_and_evaluation_and_compare_agrees
 
 
 def _script():
-    """Returns recipes/ablation.py imported as a module (registered first: its dataclasses look it up)."""
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-    module = sys.modules["ablation"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Returns the ablation script, trl_forking.scripts.ablate (recipes/ablation.py runs it)."""
+    return importlib.import_module("trl_forking.scripts.ablate")
 
 
 @pytest.mark.parametrize(
@@ -89,7 +86,7 @@ def _script():
     ],
 )
 def test_bad_input_names_the_field_before_anything_loads(tmp_path, argv, expected):
-    from trl_forking.usage import UsageError
+    from trl_forking.scripts.usage import UsageError
 
     with pytest.raises(UsageError, match=re.escape(expected)):
         _script().main([*argv, "--output_dir", str(tmp_path / "out")])
@@ -97,7 +94,7 @@ def test_bad_input_names_the_field_before_anything_loads(tmp_path, argv, expecte
 
 
 def test_a_multi_process_launch_is_refused(tmp_path, monkeypatch):
-    from trl_forking.usage import UsageError
+    from trl_forking.scripts.usage import UsageError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="launch: ablation.py trains its runs one after another on one process, not 2"):

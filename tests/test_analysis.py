@@ -594,7 +594,7 @@ def test_overlap_with_prompts_scores_under_model_b_exactly_what_model_a_sampled(
 
 
 def test_overlap_rejects_models_with_different_vocabularies(tiny_model_dir, completions_file, tmp_path):
-    from trl_forking import build_tiny_model
+    from trl_forking.testing import build_tiny_model
 
     other = build_tiny_model(str(tmp_path / "other-vocab"), seed=3)  # the seed also changes the tokenizer's corpus
     with pytest.raises(ValueError, match="different vocabularies"):

@@ -1,5 +1,5 @@
-"""trl_forking.base_model: the digit-per-token tokenizer, the noisy SFT targets, the cached atomic build, and (slow)
-the documented properties of the default base model."""
+"""trl_forking.tasks.arithmetic_chains.base_model: the digit-per-token tokenizer, the noisy SFT targets, the cached
+atomic build, and (slow) the documented properties of the default base model."""
 
 import hashlib
 import json
@@ -9,9 +9,15 @@ import re
 
 import pytest
 
-from trl_forking import base_model
-from trl_forking.base_model import BaseModelRecipe, build_base_model, build_tokenizer, noisy_solution
-from trl_forking.task import read_split
+from trl_forking.scripts import base_model as build_script
+from trl_forking.tasks.arithmetic_chains import base_model
+from trl_forking.tasks.arithmetic_chains.base_model import (
+    BaseModelRecipe,
+    build_base_model,
+    build_tokenizer,
+    noisy_solution,
+)
+from trl_forking.tasks.arithmetic_chains.task import read_split
 
 # A build that takes seconds: what the cache tests need, not a model that reasons.
 TINY = {
@@ -81,7 +87,7 @@ def _sha256(path):
 
 def test_the_build_is_cached_and_a_changed_recipe_rebuilds(tmp_path, monkeypatch, capsys):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    assert base_model.main(["--cache-dir", str(tmp_path), "--no-progress", *args]) == 0
+    assert build_script.main(["--cache-dir", str(tmp_path), "--no-progress", *args]) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     recipe = BaseModelRecipe(**TINY)
     assert path == os.path.join(str(tmp_path), f"base-{recipe.short_hash()}")
@@ -122,7 +128,9 @@ def test_the_build_process_sees_no_launcher_and_no_gpu(monkeypatch):
     assert not set(launched) & set(environ) and "ACCELERATE_USE_DEEPSPEED" not in environ
     assert (environ["CUDA_VISIBLE_DEVICES"], environ["OMP_NUM_THREADS"], environ["MY_SETTING"]) == ("", "3", "kept")
     # The child imports this package, wherever the caller found it.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(base_model.__file__)))
+    import trl_forking
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(trl_forking.__file__)))
     assert environ["PYTHONPATH"].split(os.pathsep)[0] == package_root
 
 
@@ -145,6 +153,13 @@ def test_the_cache_key_covers_the_build_code_the_libraries_and_the_cpu(monkeypat
     other = "AVX512" if torch.backends.cpu.get_cpu_capability() != "AVX512" else "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     assert recipe.short_hash() != name
+    monkeypatch.undo()
+    # MKL pinned to another code path (docs/task.md: MKL_CBWR=COMPATIBLE built other weights under the same key).
+    for variable in base_model.MKL_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    plain = recipe.short_hash()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert recipe.short_hash() != plain
     monkeypatch.undo()
     assert recipe.short_hash() == name
 
@@ -196,7 +211,7 @@ def test_recipe_errors_name_the_field_and_what_is_allowed(capsys):
         BaseModelRecipe(digit_noise=1.5)
     with pytest.raises(ValueError, match=r"num_heads: 3 .* num_heads must divide hidden_size"):
         BaseModelRecipe(num_heads=3)
-    assert base_model.main(["--sft-steps", "0"]) == 2
+    assert build_script.main(["--sft-steps", "0"]) == 2
     assert "error: sft_steps: 0 is not allowed; use an integer >= 1." in capsys.readouterr().err
 
 
@@ -208,7 +223,7 @@ def test_the_default_base_model_has_the_documented_properties(default_base_model
 
     from trl_forking.analysis import entropy_summary, score_completions
     from trl_forking.evaluation import evaluate
-    from trl_forking.task import load_task
+    from trl_forking.tasks.arithmetic_chains.task import load_task
 
     path = default_base_model
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

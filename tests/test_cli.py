@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from trl_forking.cli import _shared, build_parser, main
+from trl_forking.scripts.cli import _shared, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,9 @@ def test_help_imports_no_torch_transformers_matplotlib_or_analysis():
     assert not {name.split(".")[0] for name in loaded} & heavy
     assert {name for name in loaded if name.startswith("trl_forking")} == {
         "trl_forking",
-        "trl_forking.cli",
+        "trl_forking._moved",
+        "trl_forking.scripts",
+        "trl_forking.scripts.cli",
         "trl_forking.defaults",
     }
 

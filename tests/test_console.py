@@ -2,7 +2,7 @@
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from trl_forking.console import CompactPrinterCallback, CompactProgressCallback, format_log, use_compact_log
+from trl_forking.scripts.console import CompactPrinterCallback, CompactProgressCallback, format_log, use_compact_log
 
 # One logging step as GRPOTrainer reports it with two reward functions (abridged: 35 keys in all).
 LOGS = {

@@ -144,7 +144,7 @@ def test_eval_file_without_answer_column_is_refused(tmp_path):
 
 
 def test_no_dataset_means_the_bundled_tasks_train_split():
-    from trl_forking.task import read_split
+    from trl_forking.tasks.arithmetic_chains.task import read_split
 
     shipped = read_split("train")
     dataset = load_train_dataset(None)
@@ -154,7 +154,7 @@ def test_no_dataset_means_the_bundled_tasks_train_split():
 
 
 def test_the_bundled_task_is_an_eval_set_with_its_own_prompt():
-    from trl_forking.task import read_split
+    from trl_forking.tasks.arithmetic_chains.task import read_split
 
     test = load_math_eval("arithmetic-chains")
     shipped = read_split("test")

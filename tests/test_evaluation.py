@@ -197,7 +197,7 @@ def _callback_run(callback, model, tokenizer, tmp_path, steps, process_index=0):
     """Drives ``callback`` through ``steps`` optimizer steps as the Trainer does; returns the records it wrote."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from trl_forking.study import EVAL_FILE
+    from trl_forking.analysis.study import EVAL_FILE
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     state = TrainerState(is_world_process_zero=process_index == 0)
@@ -213,7 +213,7 @@ def _callback_run(callback, model, tokenizer, tmp_path, steps, process_index=0):
 
 
 def test_held_out_evaluation_records_the_start_every_nth_step_and_the_end(scripted, tmp_path):
-    from trl_forking.callbacks import HeldOutEvaluationCallback
+    from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 
     model, tokenizer, problems = scripted
     problems = problems * 4  # the coin-flip problem four times: the records then depend on the random stream
@@ -231,7 +231,7 @@ def test_held_out_evaluation_records_the_start_every_nth_step_and_the_end(script
 
 
 def test_held_out_evaluation_takes_a_given_start_and_only_the_main_process_writes(scripted, tmp_path):
-    from trl_forking.callbacks import HeldOutEvaluationCallback
+    from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 
     model, tokenizer, problems = scripted
     initial = {"accuracy": 0.123, "stderr": 0.01, "pass@k": {"1": 0.123}, "num_problems": 5, "num_samples": 4}
@@ -265,7 +265,7 @@ def _held_out_on_a_rank(rank, world, tiny_model_dir, output_dir):
     """One rank of a training run with HeldOutEvaluationCallback; returns how many rows this rank generated."""
     from pathlib import Path
 
-    from trl_forking.callbacks import HeldOutEvaluationCallback
+    from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 
     model, tokenizer, problems = _sure_problems_and_model(tiny_model_dir)
     callback = HeldOutEvaluationCallback(problems, every_n_steps=2, num_samples=3, seed=5)
@@ -279,7 +279,7 @@ def test_held_out_evaluation_on_two_ranks_samples_a_share_on_each_and_records_wh
 ):
     from gloo import run_on_ranks
 
-    from trl_forking.callbacks import HeldOutEvaluationCallback
+    from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 
     model, tokenizer, problems = _sure_problems_and_model(tiny_model_dir)
     alone = _callback_run(

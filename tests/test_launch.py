@@ -6,8 +6,8 @@ import types
 import pytest
 from accelerate.utils import DistributedType
 
-from trl_forking.launch import check_launch, check_world_size, cpu_defaults
-from trl_forking.usage import UsageError
+from trl_forking.scripts.launch import check_launch, check_world_size, cpu_defaults
+from trl_forking.scripts.usage import UsageError
 
 # What `accelerate launch` exports to each process (recipes/accelerate/*.yaml with --num_processes 2).
 DDP = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}

@@ -12,8 +12,8 @@ import sys
 import pytest
 from test_recipes import QWEN_RECIPES, ROOT, _script
 
-from trl_forking.plan import NOT_IN_TRL
-from trl_forking.usage import UsageError
+from trl_forking.scripts.plan import NOT_IN_TRL
+from trl_forking.scripts.usage import UsageError
 
 ACCELERATE = os.path.join(ROOT, "recipes", "accelerate")
 RECIPE_8B = os.path.join(ROOT, "recipes", "qwen3-8b", "forking_dapo.yaml")

@@ -21,7 +21,7 @@ import torch
 from trl import ModelConfig
 
 from trl_forking import ForkingGRPOConfig
-from trl_forking.usage import UsageError
+from trl_forking.scripts.usage import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "recipes", "grpo_forking.py")
@@ -34,11 +34,8 @@ SELECTION = {"forking_dapo.yaml": ("top", 0.2), "full_dapo.yaml": ("all", 1.0), 
 
 @functools.cache
 def _script():
-    """Returns recipes/grpo_forking.py imported as a module (registered first: its dataclasses look it up)."""
-    spec = importlib.util.spec_from_file_location("grpo_forking", SCRIPT)
-    module = sys.modules["grpo_forking"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Returns the training script, trl_forking.scripts.train (recipes/grpo_forking.py runs it)."""
+    return importlib.import_module("trl_forking.scripts.train")
 
 
 def _parse(*argv, default_config=None):
@@ -285,7 +282,7 @@ def test_the_no_argument_demo_learns_and_says_where_its_output_is(tmp_path, defa
 
 # What each launcher config must set up on two CPU processes (recipes/accelerate/*.yaml, "CPU (tests)" line).
 LAUNCHES = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED ZeRO-2", "zero3": "DEEPSPEED ZeRO-3"}
-# A base model that builds in seconds (trl_forking.base_model recipe fields): the launch path, not a model that reasons.
+# A base model that builds in seconds (BaseModelRecipe fields): the launch path, not a model that reasons.
 TINY_BASE = {
     "hidden_size": 16,
     "intermediate_size": 32,
@@ -398,12 +395,8 @@ def test_a_run_resumed_from_its_checkpoint_logs_and_trains_what_the_uninterrupte
 
 @functools.cache
 def _eval_script():
-    """Returns recipes/eval_aime.py imported as a module."""
-    path = os.path.join(ROOT, "recipes", "eval_aime.py")
-    spec = importlib.util.spec_from_file_location("eval_aime", path)
-    module = sys.modules["eval_aime"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Returns the evaluation script, trl_forking.scripts.evaluate (recipes/eval_aime.py runs it)."""
+    return importlib.import_module("trl_forking.scripts.evaluate")
 
 
 def test_eval_arguments_errors_name_the_field():
@@ -446,7 +439,7 @@ def test_eval_aime_on_cpu_with_the_tiny_model(tmp_path, tiny_model_dir):
 
 
 def test_eval_aime_on_the_bundled_task_uses_its_test_split_and_prompt(tmp_path, tiny_model_dir):
-    from trl_forking.task import read_split
+    from trl_forking.tasks.arithmetic_chains.task import read_split
 
     args = _eval_script().EvalArguments(
         model_name_or_path=tiny_model_dir,
@@ -636,7 +629,7 @@ def test_usr1_before_the_time_limit_requeues_the_slurm_job(tmp_path):
 
 
 def test_eval_aime_evaluates_a_training_run_at_its_start_checkpoints_and_end_for_compare(tmp_path, tiny_model_dir):
-    from trl_forking.study import compare_runs, load_run, write_run_info
+    from trl_forking.analysis.study import compare_runs, load_run, write_run_info
 
     module = _eval_script()
     run = tmp_path / "run"  # what recipes/grpo_forking.py leaves: forking_run.json, checkpoints, the final model
@@ -712,7 +705,7 @@ def test_eval_aime_creates_one_vllm_engine_per_process_for_all_its_datasets(tmp_
 
 
 def test_point_argv_parses_back_into_the_same_evaluation():
-    from trl_forking.recipe_args import RecipeParser
+    from trl_forking.scripts.recipe_args import RecipeParser
 
     module = _eval_script()
     point = module.EvalArguments(
@@ -727,8 +720,8 @@ def test_point_argv_parses_back_into_the_same_evaluation():
 def test_eval_aime_run_dir_under_vllm_evaluates_each_step_in_a_process_of_its_own(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    from trl_forking.recipe_args import RecipeParser
-    from trl_forking.study import write_run_info
+    from trl_forking.evaluation import write_run_info
+    from trl_forking.scripts.recipe_args import RecipeParser
 
     module = _eval_script()
     monkeypatch.setitem(sys.modules, "vllm", _FakeVLLM(refuse=True).module)  # no engine in the parent process
@@ -739,8 +732,8 @@ def test_eval_aime_run_dir_under_vllm_evaluates_each_step_in_a_process_of_its_ow
     children = []
 
     def child(argv, check):  # what the child process does, run here with transformers instead of a GPU
-        assert argv[:2] == [sys.executable, module.__file__] and not check
-        (point,) = RecipeParser(module.EvalArguments).parse_recipe(argv[2:])
+        assert argv[:3] == [sys.executable, "-m", "trl_forking.scripts.evaluate"] and not check
+        (point,) = RecipeParser(module.EvalArguments).parse_recipe(argv[3:])
         children.append(point)
         module.main(module.EvalArguments(**{**module.asdict(point), "backend": "transformers"}))
         return subprocess.CompletedProcess(argv, 0)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from trl_forking.run_dir import check_output_dir, checkpoints, newest_checkpoint, resolve_resume
-from trl_forking.usage import UsageError
+from trl_forking.scripts.run_dir import check_output_dir, checkpoints, newest_checkpoint, resolve_resume
+from trl_forking.scripts.usage import UsageError
 
 
 def _checkpoint(output_dir, step: int, complete: bool = True):

@@ -1,4 +1,5 @@
-"""trl_forking.study and `trl-forking compare`: per-arm means, standard errors, AUCs and intervals checked by hand."""
+"""trl_forking.analysis.study and `trl-forking compare`: per-arm means, standard errors, AUCs and intervals checked by
+hand."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from trl_forking.study import (
+from trl_forking.analysis.study import (
     Arm,
     append_evaluation,
     area_under_curve,

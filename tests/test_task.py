@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from trl_forking import task
 from trl_forking.rewards import math_accuracy_reward
+from trl_forking.tasks.arithmetic_chains import task
 
 LINE = re.compile(r"^(\d\d) ([+-]) (\d\d) = (\d\d)$")
 

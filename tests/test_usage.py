@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from trl_forking.recipe_args import RecipeParser
-from trl_forking.usage import (
+from trl_forking.scripts.recipe_args import RecipeParser
+from trl_forking.scripts.usage import (
     EXIT_USAGE,
     TRACEBACK_ENV,
     UsageError,
@@ -58,7 +58,7 @@ def test_a_later_rank_reports_after_a_delay_and_names_itself(capsys, monkeypatch
     # Under a launcher, the node's first rank speaks at once; the others wait (the launcher usually stops them first).
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "9")
-    monkeypatch.setattr("trl_forking.usage.OTHER_RANKS_DELAY_S", 0.0)
+    monkeypatch.setattr("trl_forking.scripts.usage.OTHER_RANKS_DELAY_S", 0.0)
     with pytest.raises(SystemExit), exit_on_usage_error("script.py"):
         raise UsageError("bad")
     assert capsys.readouterr().err == "script.py: error (rank 9): bad\n"

@@ -1,5 +1,5 @@
 """``python -m trl_forking``: the ``trl-forking`` command line."""
 
-from .cli import main
+from .scripts.cli import main
 
 raise SystemExit(main())

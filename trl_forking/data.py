@@ -4,7 +4,8 @@ Every loader returns a ``datasets.Dataset`` with a conversational ``prompt`` (on
 string, the columns ``trl_forking.rewards`` and TRL's ``GRPOTrainer`` read; evaluation sets also keep ``problem``,
 ``answer`` and ``id``. A source is a Hub name (``BytedTsinghua-SIA/DAPO-Math-17k``) or a local file or folder with the
 same columns (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, a saved dataset), so that everything runs offline. The
-bundled task (``trl_forking.task``, ``arithmetic-chains``) is the default training set and an evaluation set.
+bundled task (``arithmetic-chains``, ``trl_forking.tasks.arithmetic_chains``) is the default training set and an
+evaluation set.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
     """
     from datasets import Features, Value, concatenate_datasets
 
-    from .task import TASK_NAME, load_task
+    from .tasks.arithmetic_chains.task import TASK_NAME, load_task
 
     if name_or_path == TASK_NAME:
         task = load_task(split or "test")
@@ -196,7 +197,7 @@ def load_math_eval(name_or_path: str, config: str | None = None, split: str | No
 def load_train_dataset(name_or_path: str | None, config: str | None = None, split: str = "train"):
     """Returns the training set a recipe names: the bundled task's train split (``prompt`` / ``solution``) when None
     or ``"arithmetic-chains"``, else a DAPO-Math layout (Hub name or local file)."""
-    from .task import TASK_NAME, load_task
+    from .tasks.arithmetic_chains.task import TASK_NAME, load_task
 
     if name_or_path is None or name_or_path == TASK_NAME:
         return load_task(split).select_columns(["prompt", "solution"])

@@ -152,7 +152,7 @@ def _mean_band(curves: list[tuple[list[int], list[float]]]):
 
 
 def plot_accuracy_curves(runs, metric: str, path: str) -> str:
-    """Returns ``path`` after drawing, per arm of ``runs`` (``trl_forking.study.Run``), ``metric`` against the
+    """Returns ``path`` after drawing, per arm of ``runs`` (``trl_forking.analysis.study.Run``), ``metric`` against the
     training step: the mean over seeds as a line, mean +- SE as a band, at the steps all the arm's runs evaluated."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()

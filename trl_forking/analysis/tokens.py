@@ -1,25 +1,15 @@
-"""Token text for display: one string per token id, with invisible characters made visible."""
+"""Token text for display: one string per token id (``token_strings``, from ``trl_forking.entropy_stats``), with
+invisible characters made visible."""
 
 from __future__ import annotations
 
 import unicodedata
 
+from ..entropy_stats import token_strings
+
 __all__ = ["display_token", "token_strings"]
 
 _KEEP = {"\n", "\t"}
-
-
-def token_strings(tokenizer, ids) -> list[str]:
-    """Returns the text of each token id in ``ids`` decoded on its own (special tokens kept, e.g. EOS).
-
-    Concatenated, the pieces give the completion text, except where a character spans several byte-level tokens:
-    such a piece decodes to U+FFFD alone, so its vocabulary symbol is shown instead (distinct tokens stay distinct).
-    """
-    pieces = []
-    for i in ids:
-        text = tokenizer.decode([int(i)])
-        pieces.append(tokenizer.convert_ids_to_tokens(int(i)) if "\ufffd" in text else text)
-    return pieces
 
 
 def display_token(text: str) -> str:

@@ -27,12 +27,11 @@ training script on a GPU node or one rank of ``accelerate launch``, and it leave
 random state as they were. It is written to a temporary directory next to the target and renamed into place, so an
 interrupted or concurrent build never leaves a directory that looks finished. The directory has a Hub model
 repository's layout (``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) plus
-``build.json``. ``python -m trl_forking.base_model`` builds it and prints the path.
+``build.json``. ``python -m trl_forking.scripts.base_model`` builds it and prints the path.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -57,7 +56,6 @@ __all__ = [
     "build_environment",
     "build_key",
     "build_tokenizer",
-    "main",
 ]
 
 SPECIAL_TOKENS = {"pad": "<|endoftext|>", "start": "<|im_start|>", "end": "<|im_end|>"}
@@ -69,9 +67,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BUILD_FILE = "build.json"
+# The command line of a build process (and of users: it builds or finds the model and prints its path).
+BUILD_SCRIPT = "trl_forking.scripts.base_model"
 # The files whose sha256 build.json records: what two builds must share to be the same model.
 WEIGHT_FILES = ("model.safetensors", "tokenizer.json")
 # The distributions whose code runs during a build; their versions are part of the cache key.
+# MKL's conditional numerical reproducibility: another code path for the same CPU, hence other last bits.
+MKL_VARIABLES = ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
 BUILD_LIBRARIES = ("torch", "transformers", "trl", "tokenizers", "accelerate", "datasets", "numpy", "safetensors")
 # Variables a launcher (torchrun, accelerate, DeepSpeed, Slurm's srun through them) sets for its processes; a build
 # must not see them, or its SFTTrainer would join (and then tear down) the caller's process group.
@@ -199,13 +201,16 @@ def build_environment() -> dict:
 
     ``versions``: each distribution of ``BUILD_LIBRARIES``; ``cpu_capability``: the vector instruction set torch's CPU
     kernels dispatch to (``torch.backends.cpu.get_cpu_capability()``, e.g. ``AVX2``, ``AVX512``; the environment
-    variable ``ATEN_CPU_CAPABILITY`` lowers it), which also selects MKL's code path; ``machine``: the architecture.
+    variable ``ATEN_CPU_CAPABILITY`` lowers it), which also selects MKL's code path; ``mkl``: the variables that
+    pin MKL to another code path (``MKL_CBWR``, ``MKL_ENABLE_INSTRUCTIONS``; set ones only); ``machine``: the
+    architecture.
     """
     import torch
 
     return {
         "versions": {name: metadata.version(name) for name in BUILD_LIBRARIES},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": {name: os.environ[name] for name in MKL_VARIABLES if name in os.environ},
         "machine": platform.machine(),
     }
 
@@ -332,9 +337,11 @@ def _sft_dataset(rows, noise: float, seed: int):
     )
 
 
-def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
+def build_here(recipe: BaseModelRecipe, output_dir: str, progress: bool, on_trainer=None) -> dict:
     """Trains the tokenizer and the SFT model of ``recipe`` into ``output_dir`` in this process, on the CPU with
-    ``recipe.num_threads`` threads; returns the build record. ``build_base_model`` runs it in a child process."""
+    ``recipe.num_threads`` threads; returns the build record. ``build_base_model`` runs it in a child process
+    (``python -m trl_forking.scripts.base_model --build-into``), which passes ``on_trainer``: a function called with
+    the ``SFTTrainer`` before training when ``progress`` is on (the script's compact log lines)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -393,9 +400,8 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
     dataset = _sft_dataset(rows, recipe.digit_noise, recipe.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     if progress:
-        from .console import use_compact_log
-
-        use_compact_log(trainer)  # one short line per log under the progress bar, not transformers' dicts
+        if on_trainer is not None:
+            on_trainer(trainer)
     else:
         from transformers import PrinterCallback
 
@@ -411,7 +417,7 @@ def _build(recipe: BaseModelRecipe, output_dir: str, progress: bool) -> dict:
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {
         "hash": recipe.short_hash(),
-        **build_key(recipe),  # recipe, code, train_data, versions, cpu_capability, machine
+        **build_key(recipe),  # recipe, code, train_data, versions, cpu_capability, mkl, machine
         "sha256": {name: _file_sha256(os.path.join(output_dir, name)) for name in WEIGHT_FILES},
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "sft_log": [entry for entry in trainer.state.log_history if "loss" in entry],
@@ -428,7 +434,9 @@ def _build_environ(recipe: BaseModelRecipe) -> dict[str, str]:
         for name, value in os.environ.items()
         if name not in _LAUNCHER_VARIABLES and not name.startswith(_LAUNCHER_PREFIXES)
     }
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import trl_forking
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(trl_forking.__file__)))
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environ.get("PYTHONPATH")]))
     environ.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(recipe.num_threads))
     return environ
@@ -440,7 +448,7 @@ def _build_in_subprocess(recipe: BaseModelRecipe, output_dir: str, progress: boo
     Raises:
         RuntimeError: the build process failed; its output (inherited stdout and stderr) says why.
     """
-    command = [sys.executable, "-m", __spec__.name, "--build-into", output_dir, "--recipe-json"]
+    command = [sys.executable, "-m", BUILD_SCRIPT, "--build-into", output_dir, "--recipe-json"]
     command.append(json.dumps(dataclasses.asdict(recipe)))
     if not progress:
         command.append("--no-progress")
@@ -507,53 +515,3 @@ def build_base_model(
             f"Base model built in {time.time() - started:.0f} s: {target} (weights sha256 {weights[:12]})", flush=True
         )
     return target
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trl_forking.base_model",
-        description="Build (or find in the cache) the tiny Qwen3 base model of the CPU demo and print its path.",
-    )
-    parser.add_argument("--cache-dir", default=None, help="Parent directory (default: $XDG_CACHE_HOME/trl-forking).")
-    parser.add_argument("--overwrite", action="store_true", help="Rebuild even if the model is cached.")
-    parser.add_argument("--no-progress", action="store_true", help="Hide the SFT progress bar.")
-    # The child process of build_base_model: build the recipe given as JSON into a directory, here.
-    parser.add_argument("--build-into", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-json", default=None, help=argparse.SUPPRESS)
-    for field in dataclasses.fields(BaseModelRecipe):
-        parser.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            dest=field.name,
-            type=int if field.default is None else type(field.default),  # num_train_problems: int or None
-            default=field.default,
-            help=f"Recipe field (default: {field.default}).",
-        )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Builds the base model named by the command line ``argv`` and prints its directory; returns the exit status."""
-    args = _parser().parse_args(argv)
-    names = [field.name for field in dataclasses.fields(BaseModelRecipe)]
-    try:
-        fields = json.loads(args.recipe_json) if args.recipe_json else {name: getattr(args, name) for name in names}
-        recipe = BaseModelRecipe(**fields)
-    except ValueError as error:
-        print(f"python -m trl_forking.base_model: error: {error}", file=sys.stderr)
-        return 2
-    if args.build_into:
-        from .console import quiet_deepspeed_accelerator_notice, quiet_known_noise
-
-        # A build process of its caller: the caller's run has already said what these warnings would repeat.
-        quiet_known_noise()
-        quiet_deepspeed_accelerator_notice()
-        record = _build(recipe, args.build_into, progress=not args.no_progress)
-        with open(os.path.join(args.build_into, BUILD_FILE), "w") as f:
-            json.dump(record, f, indent=2)
-        return 0
-    print(build_base_model(recipe, args.cache_dir, overwrite=args.overwrite, progress=not args.no_progress))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

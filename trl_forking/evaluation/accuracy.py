@@ -57,7 +57,7 @@ def score_problem(completions: list[str], answer: str, ks: Sequence[int]) -> dic
     ``{"correct": [bool], "num_correct": c, "accuracy": c / n, "pass@k": {"k": float}}``; ``accuracy`` and ``pass@k``
     are None when math-verify cannot parse the gold answer (the problem is unscored).
     """
-    from .rewards import math_accuracy_reward
+    from ..rewards import math_accuracy_reward
 
     rewards = math_accuracy_reward(completions, [answer] * len(completions))
     if any(r is None for r in rewards):
@@ -228,7 +228,7 @@ def evaluate(
     Args:
         model, tokenizer: in memory; see ``generate_completions``.
         problems: rows with a conversational ``prompt`` and a gold ``solution`` (a ``datasets.Dataset`` or a list of
-            dicts), e.g. ``trl_forking.task.load_task("test")``.
+            dicts), e.g. ``trl_forking.tasks.arithmetic_chains.task.load_task("test")``.
         num_samples: n, completions per problem.
         ks: the k of pass@k, each in [1, n]; default ``[1, n]``.
         max_new_tokens, temperature, top_p, batch_size, seed, progress: see ``generate_completions``.

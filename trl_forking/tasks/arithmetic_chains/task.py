@@ -16,11 +16,11 @@ where a model's entropy is high and a wrong token makes the answer wrong. Every 
 solution has the same layout, and without carries each result digit is the sum or difference of the two digits above
 it: a 0.18M-parameter model learns the task in about a minute of CPU. ``docs/task.md`` explains the choice.
 
-The splits are files in the package (``trl_forking/data/arithmetic-chains/{train,validation,test}.jsonl``), written
-by ``write_splits`` from ``make_splits(seed=0)``: no problem (its expression) is in two splits. Each row has ``id``,
-``problem`` (the expression), ``prompt`` (one user message, ``PROMPT_TEMPLATE``), ``completion`` (the worked
-solution) and ``solution`` (the answer), the columns TRL's ``GRPOTrainer`` and ``SFTTrainer`` and
-``trl_forking.rewards`` read. ``python -m trl_forking.task`` rewrites the files.
+The splits are files in the package (``data/{train,validation,test}.jsonl`` next to this module), written by
+``write_splits`` from ``make_splits(seed=0)``: no problem (its expression) is in two splits. Each row has ``id``,
+``problem`` (the expression), ``prompt`` (one user message, ``PROMPT_TEMPLATE``), ``completion`` (the worked solution)
+and ``solution`` (the answer), the columns TRL's ``GRPOTrainer`` and ``SFTTrainer`` and ``trl_forking.rewards`` read.
+``python -m trl_forking.tasks.arithmetic_chains.task`` rewrites the files.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ __all__ = [
 ]
 
 TASK_NAME = "arithmetic-chains"
-TASK_DIR = os.path.join(os.path.dirname(__file__), "data", TASK_NAME)
+TASK_DIR = os.path.join(os.path.dirname(__file__), "data")
 SPLITS = ("train", "validation", "test")
 SPLIT_SIZES = {"train": 8000, "validation": 200, "test": 200}
 DEFAULT_SEED = 0
 NUM_OPERATIONS = 3
 # Every number of a problem (start, operands, running totals) is two-digit: one layout for every solution.
 LOW, HIGH = 10, 99
-# The one prompt: training, the demo's before/after evaluation and recipes/eval_aime.py all pose problems this way.
+# The one prompt: training, the demo's before/after evaluation and ``trl-forking evaluate`` all pose problems this way.
 PROMPT_TEMPLATE = "Compute {expression} step by step."
 
 

@@ -20,7 +20,7 @@ import textwrap
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
-from .selection import num_selected
+from ..selection import num_selected
 from .usage import UsageError, input_errors
 
 __all__ = [

@@ -1,8 +1,13 @@
-"""The ``trl-forking`` command line: ``analyze``, ``render`` and ``overlap``, each a thin parser over
-``trl_forking.analysis``, and ``compare`` over ``trl_forking.study``.
+"""The ``trl-forking`` command line.
 
-The analysis package (torch, transformers, matplotlib) is imported only when a subcommand runs: building the parser,
-and so ``--help`` or a usage error, needs only ``trl_forking.defaults``, which imports nothing.
+- ``train``, ``evaluate`` and ``ablate`` run the recipe scripts (``trl_forking.scripts.train``, ``.evaluate``,
+  ``.ablate``; the files ``recipes/grpo_forking.py``, ``eval_aime.py`` and ``ablation.py`` run the same), with their
+  own flags and ``--config <recipe YAML>``: ``trl-forking train --help`` lists them;
+- ``analyze``, ``render`` and ``overlap``, each a thin parser over ``trl_forking.analysis``, and ``compare`` over
+  ``trl_forking.analysis.study``.
+
+The analysis package (torch, transformers, matplotlib) and the scripts are imported only when a subcommand runs:
+building the parser, and so ``--help`` or a usage error, needs only ``trl_forking.defaults``, which imports nothing.
 
 Bad input (a missing model or file, an empty dataset, a malformed JSONL line, rho out of range, an unwritable output
 directory) ends with one line on stderr and a non-zero exit status, never a traceback.
@@ -13,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .defaults import (
+from ..defaults import (
     DEFAULT_ENTROPY_BATCH_SIZE,
     DEFAULT_ENTROPY_BUCKETS,
     DEFAULT_MAX_NEW_TOKENS,
@@ -22,7 +27,14 @@ from .defaults import (
     DEFAULT_WIDTH,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SCRIPTS", "build_parser", "main"]
+
+# Subcommand -> (module of trl_forking.scripts, help). Each parses its own flags (TRL's parser and a recipe YAML).
+SCRIPTS = {
+    "train": ("train", "GRPO with forking-token selection from a recipe YAML (no --config: the CPU demo)"),
+    "evaluate": ("evaluate", "avg@n and pass@k of a model on AIME or the bundled task, graded with math-verify"),
+    "ablate": ("ablate", "the ablation study: arms x seeds from one model, compared on held-out problems"),
+}
 
 EXIT_INPUT_ERROR, EXIT_USAGE = 1, 2
 
@@ -135,26 +147,26 @@ def _shared(args) -> dict:
 
 
 def _analyze(args) -> None:
-    from .analysis import analyze
+    from ..analysis import analyze
 
     analyze(args.model, args.output_dir, top_tokens=args.top_tokens, **_shared(args))
 
 
 def _render(args) -> None:
-    from .analysis import render
+    from ..analysis import render
 
     files = render(args.model, args.output_dir, per_sequence=args.per_sequence, width=args.width, **_shared(args))
     print("wrote: " + ", ".join(files.values()))
 
 
 def _overlap(args) -> None:
-    from .analysis import overlap
+    from ..analysis import overlap
 
     overlap(args.model_a, args.model_b, args.output_dir, buckets=args.buckets, **_shared(args))
 
 
 def _compare(args) -> None:
-    from .study import compare_runs, format_table
+    from ..analysis.study import compare_runs, format_table
 
     summary = compare_runs(args.run_dirs, args.output_dir, args.metric)
     print(format_table(summary))
@@ -164,8 +176,15 @@ def _compare(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the ``trl-forking`` argument parser."""
-    parser = _Parser(prog="trl-forking", description="Forking-token analysis (Beyond the 80/20 Rule).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{analyze,render,overlap,compare}")
+    parser = _Parser(
+        prog="trl-forking",
+        description="Forking-token RL (Beyond the 80/20 Rule): train, evaluate, ablate, and analyze forking tokens.",
+    )
+    names = ",".join([*SCRIPTS, "analyze", "render", "overlap", "compare"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar=f"{{{names}}}")
+    for name, (_, text) in SCRIPTS.items():
+        # Listed here for --help; main() hands their command lines to the script before this parser sees them.
+        commands.add_parser(name, help=f"{text} (trl-forking {name} --help)", add_help=False)
 
     analyze_parser = commands.add_parser(
         "analyze",
@@ -231,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status after running the subcommand in ``argv`` (``sys.argv[1:]`` when None)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SCRIPTS:
+        from importlib import import_module
+
+        script = import_module(f"trl_forking.scripts.{SCRIPTS[argv[0]][0]}")
+        sys.argv = [f"trl-forking {argv[0]}", *argv[1:]]  # the scripts' --help names the command
+        return script.run(argv[1:], prog=f"trl-forking {argv[0]}")
     args = build_parser().parse_args(argv)
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging

@@ -20,6 +20,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..evaluation.records import EVAL_FILE, RUN_FILE, Arm, append_evaluation, write_run_info
+
 __all__ = [
     "EVAL_FILE",
     "RUN_FILE",
@@ -37,32 +39,9 @@ __all__ = [
     "write_run_info",
 ]
 
-RUN_FILE = "forking_run.json"
-EVAL_FILE = "forking_eval.jsonl"
 STATE_FILE = "trainer_state.json"
 DEFAULT_METRIC = "accuracy"
 CONFIDENCE = 0.95
-
-
-@dataclass(frozen=True, order=True)
-class Arm:
-    """One setting of the forking selection: ``selection`` ("top", "bottom", "random", "all") and rho."""
-
-    selection: str
-    rho: float
-
-    @property
-    def label(self) -> str:
-        """Returns the arm as the paper names it: "top 20%", "bottom 80%", "random 20%", "all"."""
-        if self.selection == "all":
-            return "all"
-        share = 1 - self.rho if self.selection == "bottom" else self.rho
-        return f"{self.selection} {100 * share:g}%"
-
-    @classmethod
-    def of(cls, selection: str, rho: float) -> Arm:
-        """Returns the arm; rho does not matter for "all" (every token trains), so it is set to 1."""
-        return cls(selection, 1.0 if selection == "all" else float(rho))
 
 
 @dataclass
@@ -92,25 +71,6 @@ def _metric(record: dict, metric: str):
     return record.get("pass@k", {}).get(metric.removeprefix("pass@")) if metric.startswith("pass@") else None
 
 
-def write_run_info(output_dir: str, selection: str, rho: float, seed: int, **extra) -> str:
-    """Returns the path of ``output_dir/forking_run.json`` after writing the run's arm and seed (and ``extra``)."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RUN_FILE)
-    arm = Arm.of(selection, rho)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"selection": arm.selection, "rho": arm.rho, "seed": int(seed), **extra}, f, indent=2)
-    return path
-
-
-def append_evaluation(output_dir: str, record: dict) -> None:
-    """Appends one evaluation (``step`` plus its metrics) to ``output_dir/forking_eval.jsonl``."""
-    if "step" not in record:
-        raise ValueError(f"an evaluation record needs a 'step', got keys {sorted(record)}")
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, EVAL_FILE), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
@@ -133,8 +93,8 @@ def load_run(path: str) -> Run:
     for needed in (info_path, eval_path):
         if not os.path.isfile(needed):
             raise FileNotFoundError(
-                f"{needed} not found: a run directory needs {RUN_FILE} and {EVAL_FILE} (written by recipes/ablation.py "
-                "or, for a run of recipes/grpo_forking.py, by recipes/eval_aime.py --run_dir)"
+                f"{needed} not found: a run directory needs {RUN_FILE} and {EVAL_FILE} (written by trl-forking "
+                "ablate or, for a run of trl-forking train, by trl-forking evaluate --run_dir)"
             )
     info = _read_json(info_path)
     missing = [key for key in ("selection", "rho", "seed") if key not in info]
@@ -327,8 +287,8 @@ def compare_runs(run_dirs: list[str], output_dir: str | None = None, metric: str
     summary = summarize_runs(runs, metric)
     summary["runs"] = [{"path": run.path, "arm": run.arm.label, "seed": run.seed} for run in runs]
     if output_dir is not None:
-        from .analysis.inputs import ensure_output_dir
-        from .analysis.plots import plot_accuracy_curves, plot_entropy_percentiles
+        from .inputs import ensure_output_dir
+        from .plots import plot_accuracy_curves, plot_entropy_percentiles
 
         output_dir = ensure_output_dir(output_dir)
         files = {
