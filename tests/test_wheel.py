@@ -15,19 +15,9 @@ import sysconfig
 import venv
 
 import pytest
+from test_recipes import TINY_BASE  # a base model that builds in seconds: the install is under test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A base model that builds in seconds: the install is under test, not a model that reasons.
-TINY_BASE = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_layers": 1,
-    "num_heads": 1,
-    "num_kv_heads": 1,
-    "sft_steps": 2,
-    "batch_size": 4,
-    "num_train_problems": 32,
-}
 
 
 def _run(argv, **kwargs) -> subprocess.CompletedProcess:

@@ -272,9 +272,7 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
             peft_config=get_peft_config(model_args),
         )
     use_compact_log(trainer)
-    if (
-        trainer.accelerator.is_main_process
-    ):  # the run's arm and seed, for `trl-forking compare` (trl_forking.analysis.study)
+    if trainer.accelerator.is_main_process:  # the run's arm and seed, for `trl-forking compare`
         from trl_forking.evaluation.records import write_run_info
 
         selection = training_args.forking_selection
