@@ -29,11 +29,11 @@ from ..defaults import (
 
 __all__ = ["SCRIPTS", "build_parser", "main"]
 
-# Subcommand -> (module of trl_forking.scripts, help). Each parses its own flags (TRL's parser and a recipe YAML).
+# Subcommand (the module trl_forking.scripts.<name>) -> help. Each parses its own flags (TRL's parser, a recipe YAML).
 SCRIPTS = {
-    "train": ("train", "GRPO with forking-token selection from a recipe YAML (no --config: the CPU demo)"),
-    "evaluate": ("evaluate", "avg@n and pass@k of a model on AIME or the bundled task, graded with math-verify"),
-    "ablate": ("ablate", "the ablation study: arms x seeds from one model, compared on held-out problems"),
+    "train": "GRPO with forking-token selection from a recipe YAML (no --config: the CPU demo)",
+    "evaluate": "avg@n and pass@k of a model on AIME or the bundled task, graded with math-verify",
+    "ablate": "the ablation study: arms x seeds from one model, compared on held-out problems",
 }
 
 EXIT_INPUT_ERROR, EXIT_USAGE = 1, 2
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     names = ",".join([*SCRIPTS, "analyze", "render", "overlap", "compare"])
     commands = parser.add_subparsers(dest="command", required=True, metavar=f"{{{names}}}")
-    for name, (_, text) in SCRIPTS.items():
+    for name, text in SCRIPTS.items():
         # Listed here for --help; main() hands their command lines to the script before this parser sees them.
         commands.add_parser(name, help=f"{text} (trl-forking {name} --help)", add_help=False)
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SCRIPTS:
         from importlib import import_module
 
-        script = import_module(f"trl_forking.scripts.{SCRIPTS[argv[0]][0]}")
+        script = import_module(f"trl_forking.scripts.{argv[0]}")
         sys.argv = [f"trl-forking {argv[0]}", *argv[1:]]  # the scripts' --help names the command
         return script.run(argv[1:], prog=f"trl-forking {argv[0]}")
     args = build_parser().parse_args(argv)
