@@ -4,7 +4,7 @@
 - ``callback``: ``HeldOutEvaluationCallback``, held-out accuracy during training;
 - ``records``: the run files the study reads (``forking_run.json``, ``forking_eval.jsonl``).
 
-Imports the library only. ``HeldOutEvaluationCallback`` loads on first use.
+Imports the library only.
 """
 
 from .accuracy import (
@@ -17,6 +17,7 @@ from .accuracy import (
     score_problem,
     summarize,
 )
+from .callback import HeldOutEvaluationCallback
 from .records import EVAL_FILE, RUN_FILE, Arm, append_evaluation, write_run_info
 
 __all__ = [
@@ -35,11 +36,3 @@ __all__ = [
     "summarize",
     "write_run_info",
 ]
-
-
-def __getattr__(name: str):
-    if name == "HeldOutEvaluationCallback":
-        from .callback import HeldOutEvaluationCallback
-
-        return HeldOutEvaluationCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
