@@ -9,7 +9,7 @@ borrows::
                 23 - 11 = 12
                 Answer: 12
 
-With digits one per token (as in Qwen's tokenizer and ``trl_forking.base_model``'s), a worked solution is 39 tokens
+With digits one per token (as in Qwen's tokenizer and this package's ``base_model``), a worked solution is 39 tokens
 (EOS included), and all but the six result digits are fixed by what came before: operands copied from the prompt or
 the line above, operators, ``=``, line breaks, ``Answer:`` and its number. The six result digits are the decisions:
 where a model's entropy is high and a wrong token makes the answer wrong. Every number has two digits, so every
