@@ -108,3 +108,18 @@ def test_a_launched_study_answers_bad_input_with_one_line(tmp_path):
         "ablation.py: error: arms: 'best:0.2' is not allowed; use selection:rho with selection in "
         "['top', 'bottom', 'random', 'all'] (e.g. top:0.2, bottom:0.2) or all"
     ]
+
+
+def test_the_progress_line_prints_a_metric_logged_as_none(capsys):
+    # A step whose groups all had equal rewards selects no token: its threshold is logged as None, and printing it
+    # with :.3f raised a TypeError mid-study.
+    from types import SimpleNamespace
+
+    progress = _script().StudyProgress(total_steps=4)
+    progress.start_run("[run 1/1] top 20% seed 0")
+    state = SimpleNamespace(global_step=1, max_steps=4)
+    progress.on_log(None, state, None, logs={"reward": 0.25, "forking/threshold": None})
+    progress.on_log(None, state, None, logs={"reward": float("nan")})
+    first, second = capsys.readouterr().out.splitlines()
+    assert "step 1/4  reward 0.250  threshold n/a" in first
+    assert "reward n/a  threshold n/a" in second

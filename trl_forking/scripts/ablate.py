@@ -104,6 +104,11 @@ def slug(arm: Arm) -> str:
     return "all" if arm.selection == "all" else f"{arm.selection}-{arm.rho:g}"
 
 
+def _figure(value: float | None) -> str:
+    """Returns a logged metric as printed: three decimals, or n/a for None (nothing to average) or NaN."""
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s"
@@ -135,10 +140,12 @@ class StudyProgress(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:
-            reward, threshold = logs["reward"], logs.get("forking/threshold", float("nan"))
+            # A metric with nothing to average is logged as None: the threshold of a step whose groups all had equal
+            # rewards (no completion selected), for one.
+            reward, threshold = (_figure(logs.get(name)) for name in ("reward", "forking/threshold"))
             print(
-                f"{self.run_label} step {state.global_step}/{state.max_steps}  reward {reward:.3f}  "
-                f"threshold {threshold:.3f}  | {self._clock()}",
+                f"{self.run_label} step {state.global_step}/{state.max_steps}  reward {reward}  "
+                f"threshold {threshold}  | {self._clock()}",
                 flush=True,
             )
 
