@@ -524,7 +524,7 @@ def test_render_selects_completions_by_index(tiny, completions_file, tmp_path):
     page = open(files["html"], encoding="utf-8").read()
     assert page.count('<section class="completion">') == 2
     assert page.index("Question 3:") < page.index("Question 0:")
-    with pytest.raises(ValueError, match=r"indices \[7\] out of range"):
+    with pytest.raises(ValueError, match=r"index: \[7\] out of range"):
         render(model, str(tmp_path), completions=completions_file, tokenizer=tokenizer, indices=[7], progress=False)
 
 

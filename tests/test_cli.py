@@ -217,6 +217,7 @@ def test_help_imports_no_torch_transformers_matplotlib_or_analysis():
         "trl_forking._moved",
         "trl_forking.scripts",
         "trl_forking.scripts.cli",
+        "trl_forking.scripts.allowed",
         "trl_forking.defaults",
     }
 
@@ -270,17 +271,17 @@ def bad_inputs(tmp_path, tiny_model_dir):
         (
             "rho zero",
             ["analyze", "--model", tiny_model_dir, "--completions", str(good), "-o", out, "--rho", "0"],
-            "rho must be in (0, 1]",
+            "argument --rho: 0.0 is not allowed; use a number in (0, 1]",
         ),
         (
             "rho above one",
             ["overlap", "--model-a", "a", "--model-b", "b", "--completions", str(good), "-o", out, "--rho", "1.5"],
-            "rho must be in (0, 1], got 1.5",
+            "argument --rho: 1.5 is not allowed; use a number in (0, 1]",
         ),
         (
             "rho not a number",
             ["render", "--model", "m", "--completions", str(good), "-o", out, "--rho", "x"],
-            "rho must be a number",
+            "argument --rho: 'x' is not allowed; use a number in (0, 1]",
         ),
         (
             "unwritable output",
@@ -290,7 +291,7 @@ def bad_inputs(tmp_path, tiny_model_dir):
         (
             "top-p above one",
             ["analyze", "--model", "m", "--prompts", str(good), "-o", out, "--top-p", "2"],
-            "argument --top-p: top-p must be in (0, 1], got 2",
+            "argument --top-p: 2.0 is not allowed; use a number in (0, 1]",
         ),
         (
             "unknown device",

@@ -62,7 +62,7 @@ def pick(records: list[dict], indices: list[int] | None) -> list[dict]:
         return records
     bad = [i for i in indices if not 0 <= i < len(records)]
     if bad:
-        raise ValueError(f"completion indices {bad} out of range: there are {len(records)} completions")
+        raise ValueError(f"index: {bad} out of range: there are {len(records)} completions, indexed from 0")
     return [records[i] for i in indices]
 
 

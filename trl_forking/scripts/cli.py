@@ -16,6 +16,7 @@ directory) ends with one line on stderr and a non-zero exit status, never a trac
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from ..defaults import (
@@ -26,6 +27,7 @@ from ..defaults import (
     DEFAULT_TOP_TOKENS,
     DEFAULT_WIDTH,
 )
+from .allowed import SEED_RANGE, above, at_least, between
 
 __all__ = ["SCRIPTS", "build_parser", "main"]
 
@@ -46,32 +48,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _number(name: str, low: int = 1):
+    """Returns an argparse type for an integer option ``name`` that must be >= ``low``."""
+    return at_least(name, low).argparse_type(int)
+
+
 def _unit_interval(name: str):
-    """Returns an argparse type that accepts a number in (0, 1] and names ``name`` in its error."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1], got {text!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value:g}")
-        return value
-
-    return parse
+    """Returns an argparse type for an option ``name`` that must be a number in (0, 1]."""
+    return between(name, "(0, 1]").argparse_type(float)
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-
-    return parse
+def _metric(text: str) -> str:
+    """argparse type of ``compare --metric``: ``accuracy`` or ``pass@K`` with K >= 1."""
+    if text == "accuracy" or re.fullmatch(r"pass@[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use accuracy (avg@n) or pass@K with K >= 1")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -86,30 +77,39 @@ def _common() -> argparse.ArgumentParser:
     inputs.add_argument("--split", default="train", help="dataset split of --prompts (default: train)")
     inputs.add_argument("--dataset-config", help="dataset configuration of --prompts")
     inputs.add_argument("--prompt-column", help="column of --prompts holding the prompt (default: prompt/problem/...)")
-    inputs.add_argument("--num-samples", type=_positive(int), help="use the first N prompts or completions")
+    inputs.add_argument("--num-samples", type=_number("num-samples"), help="use the first N prompts or completions")
     inputs.add_argument(
-        "--index", type=int, nargs="+", help="0-based completions to use, after --num-samples and sampling"
+        "--index",
+        type=_number("index", low=0),
+        nargs="+",
+        help="0-based completions to use, after --num-samples and sampling",
     )
     compute = parent.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     compute.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     compute.add_argument(
         "--batch-size",
-        type=_positive(int),
+        type=_number("batch-size"),
         default=DEFAULT_ENTROPY_BATCH_SIZE,
         help=f"rows per forward: the memory bound (default: {DEFAULT_ENTROPY_BATCH_SIZE})",
     )
     compute.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sampling = parent.add_argument_group("sampling (with --prompts)")
     sampling.add_argument(
-        "--temperature", type=_positive(float), default=1.0, help="sampling temperature and entropy T (default: 1)"
+        "--temperature",
+        type=above("temperature", 0).argparse_type(float),
+        default=1.0,
+        help="sampling temperature and entropy T (default: 1)",
     )
-    sampling.add_argument("--num-generations", type=_positive(int), default=1, help="completions per prompt")
     sampling.add_argument(
-        "--max-new-tokens", type=_positive(int), default=DEFAULT_MAX_NEW_TOKENS, help="completion length cap"
+        "--num-generations", type=_number("num-generations"), default=1, help="completions per prompt"
+    )
+    sampling.add_argument(
+        "--max-new-tokens", type=_number("max-new-tokens"), default=DEFAULT_MAX_NEW_TOKENS, help="completion length cap"
     )
     sampling.add_argument("--top-p", type=_unit_interval("top-p"), default=1.0, help="nucleus sampling (default: 1)")
-    sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    seed = between("seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]").argparse_type(int)
+    sampling.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
     sampling.add_argument("--chat-template", action="store_true", help="wrap string prompts in a chat user turn")
     parent.add_argument(
         "--rho",
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze_parser.add_argument("--model", required=True, help="model directory or Hub name")
     analyze_parser.add_argument(
-        "--top-tokens", type=_positive(int), default=DEFAULT_TOP_TOKENS, help="rows of the forking-token table"
+        "--top-tokens", type=_number("top-tokens"), default=DEFAULT_TOP_TOKENS, help="rows of the forking-token table"
     )
     analyze_parser.set_defaults(run=_analyze)
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-sequence", action="store_true", help="mark the top-rho of each completion on its own"
     )
     render_parser.add_argument(
-        "--width", type=_positive(int), default=DEFAULT_WIDTH, help="characters per line in the PNG"
+        "--width", type=_number("width"), default=DEFAULT_WIDTH, help="characters per line in the PNG"
     )
     render_parser.set_defaults(run=_render)
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     overlap_parser.add_argument("--model-b", required=True, help="second model (e.g. a trained checkpoint)")
     overlap_parser.add_argument(
         "--buckets",
-        type=_positive(int),
+        type=_number("buckets"),
         default=DEFAULT_ENTROPY_BUCKETS,
         help=f"percentile buckets of model A's entropy for the entropy change (default: {DEFAULT_ENTROPY_BUCKETS})",
     )
@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or directories to search for runs"
     )
-    compare_parser.add_argument("--metric", default="accuracy", help="accuracy (avg@n, default) or pass@K")
+    compare_parser.add_argument(
+        "--metric", type=_metric, default="accuracy", help="accuracy (avg@n, default) or pass@K"
+    )
     compare_parser.add_argument(
         "--output-dir", "-o", help="write compare.md, compare.json and the plots here (default: print the table)"
     )
