@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from warm_python import WarmPython
+from warm_python import WarmPython, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "recipes", "grpo_forking.py")
@@ -24,14 +24,6 @@ VLLM_USABLE = importlib.util.find_spec("vllm") is not None and torch.cuda.is_ava
 BITSANDBYTES_USABLE = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
 # A script's whole answer to bad input; anything longer is not "short".
 MAX_MESSAGE_CHARS = 320
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    # Progress bars (weights loading, dataset maps) are not messages; keep stderr to what the script says.
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}
-LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +64,18 @@ CASES = {
         ("launch", "--cpu", "drop --cpu"),
         {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
     ),
-    # A combination TRL refuses only when it builds the trainer: 2 weights for the demo's 1 reward function.
-    "combination_refused_by_trl": Case(
+    # TRL refused it only when it built the trainer: 2 weights for the demo's 1 reward function.
+    "reward_weights_for_another_number_of_functions": Case(
         TRAIN,
         ("--model_name_or_path", "{tiny}", "--reward_weights", "1.0", "2.0", "--output_dir", "{tmp}/out"),
-        ("reward weights (2)", "reward functions (1)"),
+        ("reward_weights", "2 weight(s)", "1 reward function(s)"),
+    ),
+    # A library refusal met while the trainer is built (peft wrapping the model), led by the option it concerns.
+    "refused_while_the_trainer_is_built": Case(
+        TRAIN,
+        ("--model_name_or_path", "{tiny}", "--use_peft", "true", "--lora_target_modules", "no_such_layer")
+        + ("--output_dir", "{tmp}/lora"),
+        ("lora_target_modules: ", "no_such_layer", "TRL_FORKING_TRACEBACK=1"),
     ),
     # QLoRA on a machine where bitsandbytes cannot run (not installed, or no CUDA): refused before the model loads,
     # where it used to train bf16 LoRA without a word.
@@ -125,11 +124,6 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-def _env(workdir) -> dict[str, str]:
-    env = {**os.environ, **ENV, "XDG_CACHE_HOME": str(workdir / "cache")}
-    return {name: value for name, value in env.items() if name not in LAUNCH_VARIABLES}
-
-
 def _argv(case: Case, workdir, tiny_model_dir) -> list[str]:
     return [arg.format(tmp=workdir, tiny=tiny_model_dir) for arg in case.argv]
 
@@ -137,7 +131,7 @@ def _argv(case: Case, workdir, tiny_model_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(workdir, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
     """Returns {case: its finished process} for every case of ``CASES``, each forked from one warm interpreter."""
-    with WarmPython([TRAIN, EVAL], _env(workdir), workdir) as python:
+    with WarmPython([TRAIN, EVAL], script_env(workdir), workdir) as python:
         return {
             name: python.run(case.script, _argv(case, workdir, tiny_model_dir), workdir, case.env)
             for name, case in CASES.items()
@@ -161,7 +155,7 @@ def test_bad_input_ends_with_one_line_naming_the_field_and_exit_status_2(finishe
 
 @pytest.mark.parametrize("case", COLD)
 def test_a_fresh_python_answers_as_the_warm_one(finished, workdir, tiny_model_dir, case):
-    script, env = CASES[case].script, {**_env(workdir), **CASES[case].env}
+    script, env = CASES[case].script, {**script_env(workdir), **CASES[case].env}
     argv = [sys.executable, script, *_argv(CASES[case], workdir, tiny_model_dir)]
     cold = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert (cold.returncode, cold.stderr) == (finished[case].returncode, finished[case].stderr)

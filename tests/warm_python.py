@@ -53,6 +53,25 @@ for line in sys.stdin:
 """
 
 
+# What the scripts run with in the bad-input tests: offline, one thread, and stderr kept to what the script says
+# (progress bars of weight loading and dataset maps are not messages).
+SCRIPT_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+# Set by a launcher; a test's script runs as a plain single process.
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
+
+
+def script_env(workdir) -> dict[str, str]:
+    """Returns this process's environment with ``SCRIPT_ENV``, the base-model cache in ``workdir/cache`` and no
+    launcher variables."""
+    env = {**os.environ, **SCRIPT_ENV, "XDG_CACHE_HOME": os.path.join(str(workdir), "cache")}
+    return {name: value for name, value in env.items() if name not in LAUNCH_VARIABLES}
+
+
 class WarmPython:
     """One interpreter with ``scripts``' imports done, forked for each ``run``; use as a context manager."""
 

@@ -32,9 +32,12 @@ from trl_forking.analysis.study import compare_runs, format_table
 from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 from trl_forking.evaluation.records import Arm, write_run_info
 from trl_forking.rewards import get_reward_funcs
+from trl_forking.scripts.allowed import GRPO_OPTIONS, SEED_RANGE, at_least, between, one_of, report_to_names
 from trl_forking.scripts.console import quiet_known_noise
 from trl_forking.scripts.launch import cpu_defaults, world_size
 from trl_forking.scripts.recipe_args import RecipeParser
+from trl_forking.scripts.run_dir import make_output_dir
+from trl_forking.scripts.run_length import check_run_length
 from trl_forking.scripts.usage import UsageError, check_model, exit_on_usage_error, input_errors
 from trl_forking.selection import SELECTIONS, check_quantile
 
@@ -280,6 +283,22 @@ def run_study(
     return summary
 
 
+def allowed_options() -> tuple:
+    """Returns the ``trl_forking.scripts.allowed`` table of the study's options: the training options of
+    recipes/grpo_forking.py, a positive ``max_steps`` (arms are compared at fixed steps) and the evaluation's."""
+    seeds = f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+    return (
+        *GRPO_OPTIONS,
+        one_of("report_to", report_to_names()),
+        at_least("max_steps", 1, "every run trains this many steps; the arms are compared at the same steps"),
+        between("seeds", seeds),
+        at_least("eval_every", 0, "0 evaluates before and after training only"),
+        at_least("eval_num_problems", 1, unset="the whole test split"),
+        at_least("eval_num_samples", 1, "completions per test problem"),
+        between("eval_seed", seeds),
+    )
+
+
 def main(argv: list[str]) -> dict:
     import torch
 
@@ -288,7 +307,7 @@ def main(argv: list[str]) -> dict:
             f"launch: ablation.py trains its runs one after another on one process, not {world_size()}; run it with "
             "python, or train multi-GPU arms with recipes/grpo_forking.py and compare them (docs/ablation.md)"
         )
-    parser = RecipeParser((AblationArguments, ForkingGRPOConfig))
+    parser = RecipeParser((AblationArguments, ForkingGRPOConfig), allowed=allowed_options())
     if not torch.cuda.is_available():
         parser.set_defaults(**cpu_defaults())  # bf16 and pinned memory off, as in recipes/grpo_forking.py
     study, training = parser.parse_recipe(argv, DEFAULT_CONFIG)
@@ -301,15 +320,16 @@ def main(argv: list[str]) -> dict:
         flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
         return parser.parse_recipe([*argv, *flags], DEFAULT_CONFIG)[1]
 
-    if study.eval_num_samples < 1:
-        raise UsageError(f"eval_num_samples: {study.eval_num_samples} is not allowed; use an integer >= 1")
-    if study.eval_every < 0:
-        raise UsageError(f"eval_every: {study.eval_every} is not allowed; use 0 (start and end only) or more")
     if not study.seeds:
         raise UsageError("seeds: none given")
     parse_arms(study.arms)  # bad arms are reported before anything loads
     if study.model_name_or_path is not None:
         check_model(study.model_name_or_path)
+    from trl_forking.tasks.arithmetic_chains.task import TASK_NAME, load_task
+
+    train_split = f"the {TASK_NAME} train split"
+    check_run_length(len(load_task("train")), training, "per_device_train_batch_size", train_split)
+    make_output_dir(training.output_dir)
     return run_study(study, training, run_args)
 
 

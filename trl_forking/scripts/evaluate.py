@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from trl_forking.data import load_math_eval
 from trl_forking.evaluation import generate_completions, score_problem, summarize
+from trl_forking.scripts.allowed import SEED_RANGE, above, at_least, between
 from trl_forking.scripts.recipe_args import RecipeParser
+from trl_forking.scripts.run_dir import make_output_dir
 from trl_forking.scripts.usage import (
     EXIT_USAGE,
     UsageError,
@@ -41,6 +43,17 @@ from trl_forking.scripts.usage import (
 PROG = "trl-forking evaluate"
 
 BACKENDS = ("auto", "vllm", "transformers")
+# What each option may hold, checked as the command line is parsed (trl_forking.scripts.allowed); num_samples, k and
+# backend are checked by EvalArguments itself.
+ALLOWED = (
+    above("temperature", 0, "the sampling temperature"),
+    between("top_p", "(0, 1]", "nucleus sampling; 1 turns it off"),
+    at_least("max_new_tokens", 1, "tokens per completion"),
+    at_least("batch_size", 1, "completions generated at once"),
+    at_least("tensor_parallel_size", 1, "GPUs per vLLM replica"),
+    at_least("limit", 1, unset="every problem"),
+    between("seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
+)
 
 
 @dataclass
@@ -115,6 +128,7 @@ def check_inputs(args: EvalArguments) -> None:
                 "backend: 'vllm' needs the vllm package and a CUDA GPU (pip install -e '.[vllm]'); use --backend "
                 "transformers, or auto to take vLLM when it is usable"
             )
+    make_output_dir(args.output_dir)
     for name in args.datasets:
         path = os.path.join(args.output_dir, f"{result_stem(name)}_summary.json")
         if not os.path.isfile(path):
@@ -345,7 +359,8 @@ def run(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command line ``trl-forking evaluate`` (``prog`` names it in errors) on ``argv`` (``sys.argv[1:]`` when
     None); bad input ends the process with one line on stderr and exit status 2. Returns 0."""
     with exit_on_usage_error(prog):
-        (eval_args,) = RecipeParser(EvalArguments).parse_recipe(sys.argv[1:] if argv is None else argv)
+        parser = RecipeParser(EvalArguments, allowed=ALLOWED)
+        (eval_args,) = parser.parse_recipe(sys.argv[1:] if argv is None else argv)
         check_inputs(eval_args)
         if eval_args.run_dir is not None:
             evaluate_run(eval_args)

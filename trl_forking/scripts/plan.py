@@ -74,11 +74,17 @@ def parse_launch_arguments(argv: list[str]) -> tuple[LaunchArguments, list[str]]
     Raises ``UsageError`` for a bad value, or for a launch field without ``--dry_run`` (a training launch takes the
     processes from ``accelerate launch``, not from the script).
     """
+    from .allowed import at_least
     from .recipe_args import RecipeParser
 
+    allowed = (
+        at_least("num_processes", 1, unset="the config file's"),
+        at_least("num_machines", 1, unset="the config file's, else 1"),
+        at_least("vllm_server_tensor_parallel_size", 1),
+    )
     # No abbreviations: "--num_p 2" must not be read as --num_processes, nor a recipe flag as one of these; no --help
     # of its own: the script's lists these fields too (launch_help).
-    parser = RecipeParser(LaunchArguments, allow_abbrev=False, add_help=False)
+    parser = RecipeParser(LaunchArguments, allowed=allowed, allow_abbrev=False, add_help=False)
     with input_errors(None, ValueError, TypeError):
         launch, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if not launch.dry_run:

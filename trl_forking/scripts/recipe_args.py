@@ -8,12 +8,18 @@ refuses. argparse's own errors lose the 200-line usage block that precedes them.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import replace
 
 from trl import TrlParser
 
+from .allowed import Allowed, problem
 from .usage import UsageError, input_errors, one_line
 
 __all__ = ["RecipeParser"]
@@ -21,17 +27,73 @@ __all__ = ["RecipeParser"]
 _ARGUMENT_PREFIX = re.compile(r"^argument (--[\w.-]+)(?:/--[\w.-]+)*: ")
 
 
+def _number_kinds(dataclass_types) -> dict[str, type]:
+    """Returns {field: int or float} for the fields of ``dataclass_types`` typed ``int`` or ``float`` (None allowed
+    or not); list fields are left out."""
+    kinds = {}
+    for dataclass_type in dataclass_types:
+        hints = typing.get_type_hints(dataclass_type)
+        for spec in dataclasses.fields(dataclass_type):
+            hint = hints.get(spec.name)
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            options = set(typing.get_args(hint)) - {type(None)} if union else {hint}
+            if len(options) == 1 and next(iter(options)) in (int, float):
+                kinds[spec.name] = next(iter(options))
+    return kinds
+
+
 class RecipeParser(TrlParser):
     """``TrlParser`` whose bad input raises ``UsageError`` (one line) instead of a traceback or a usage block.
 
     ``parse_recipe(argv, default_config)`` reads ``default_config`` when ``argv`` has no ``--config``, so that flags
-    modify that recipe instead of replacing it; ``default_config_used`` then says so.
+    modify that recipe instead of replacing it; ``default_config_used`` then says so. ``allowed``
+    (``trl_forking.scripts.allowed``) are checked on the parsed values before any dataclass is built from them, and a
+    YAML value of the wrong type (argparse converts only strings) is refused there too.
     """
 
     default_config_used = False
     _argv: list[str] = []
     _config_path: str | None = None
     _config_keys: frozenset[str] = frozenset()
+
+    def __init__(self, dataclass_types, allowed: Iterable[Allowed] = (), **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self._kinds = _number_kinds(self.dataclass_types)
+        # An int option is checked as an integer: a YAML 1.5 for it reaches the dataclass unconverted.
+        self._allowed = [replace(rule, integer=self._kinds.get(rule.name) is int) for rule in allowed]
+
+    def parse_known_args(self, args=None, namespace=None):
+        # HfArgumentParser builds the dataclasses from what this returns; their __post_init__ and TRL's trainer see
+        # only values that passed the checks.
+        parsed, remaining = super().parse_known_args(args, namespace)
+        values = vars(parsed)
+        self._check_types(values)
+        found = problem(self._allowed, values)
+        if found is not None:
+            raise UsageError(self._locate(*found))
+        return parsed, remaining
+
+    def _check_types(self, values: dict) -> None:
+        """Raises ``UsageError`` for a YAML value that is not of its option's type: argparse converts strings only,
+        so ``num_iterations: 1.5`` would reach the dataclass as a float."""
+        for name, kind in self._kinds.items():
+            value = values.get(name)
+            if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            use = "an integer" if kind is int else "a number"
+            raise UsageError(self._locate(name, f"{name}: {value!r} is not allowed; use {use}"))
+
+    def _from_config(self, name: str) -> bool:
+        """Returns whether option ``name`` has its value from the config file rather than the command line."""
+        option = f"--{name}"
+        on_command_line = any(arg == option or arg.startswith(option + "=") for arg in self._argv)
+        return not on_command_line and name in self._config_keys
+
+    def _locate(self, name: str, message: str) -> str:
+        """Returns ``message`` about option ``name``, followed by ``(in FILE)`` when its value came from the config."""
+        return f"{message} (in {self._config_path})" if self._from_config(name) else message
 
     @property
     def config_path(self) -> str | None:
@@ -51,8 +113,7 @@ class RecipeParser(TrlParser):
             return one_line(message)
         option, rest = match.group(1), message[match.end() :]
         name = option.lstrip("-").replace("-", "_")
-        on_command_line = any(arg == option or arg.startswith(option + "=") for arg in self._argv)
-        if not on_command_line and name in self._config_keys:
+        if self._from_config(name):
             return one_line(f"{name}: {rest} (in {self._config_path})")
         return one_line(f"{option}: {rest}")
 

@@ -20,7 +20,7 @@ import shutil
 
 from .usage import UsageError
 
-__all__ = ["RESUME_LAST", "checkpoints", "check_output_dir", "newest_checkpoint", "resolve_resume"]
+__all__ = ["RESUME_LAST", "checkpoints", "check_output_dir", "make_output_dir", "newest_checkpoint", "resolve_resume"]
 
 RESUME_LAST = ("true", "last")
 _NO_RESUME = ("", "false", "none", "no")
@@ -90,6 +90,22 @@ def _finished_run(output_dir: str) -> str | None:
     except (OSError, ValueError, KeyError):
         steps = ""
     return f"{steps}saved {saved}"
+
+
+def make_output_dir(output_dir: str, field: str = "output_dir") -> None:
+    """Creates ``output_dir`` (with its parents) now, so that a folder the run could not write fails before anything
+    loads, not when the first checkpoint or the model is saved; raises ``UsageError`` naming ``field`` otherwise."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"{field}: {output_dir!r} is a file; give a folder to write the run to")
+    problem = None
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        problem = f"cannot create {output_dir!r} ({error.strerror or type(error).__name__})"
+    if problem is None and not os.access(output_dir, os.W_OK | os.X_OK):
+        problem = f"{output_dir!r} is not writable"
+    if problem is not None:
+        raise UsageError(f"{field}: {problem}; give a folder the run can write to")
 
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main_process: bool = True) -> str | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_
 from trl_forking import ForkingGRPOConfig, ForkingGRPOTrainer
 from trl_forking.data import load_train_dataset
 from trl_forking.rewards import REWARD_FUNCS, get_reward_funcs
+from trl_forking.scripts.allowed import GRPO_OPTIONS, MODEL_OPTIONS, at_least, one_of, report_to_names
 from trl_forking.scripts.console import quiet_known_noise, use_compact_log
 from trl_forking.scripts.launch import check_launch, check_world_size, cpu_defaults
 from trl_forking.scripts.plan import (
@@ -48,20 +50,24 @@ from trl_forking.scripts.plan import (
     read_launch,
 )
 from trl_forking.scripts.recipe_args import RecipeParser
-from trl_forking.scripts.run_dir import check_output_dir, resolve_resume
+from trl_forking.scripts.run_dir import check_output_dir, make_output_dir, resolve_resume
+from trl_forking.scripts.run_length import check_max_steps, check_run_length
 from trl_forking.scripts.usage import (
     UsageError,
     check_data_source,
+    check_lora,
     check_model,
     check_quantization,
     exit_on_usage_error,
     input_errors,
 )
 from trl_forking.tasks.arithmetic_chains.base_model import BaseModelRecipe, build_base_model
-from trl_forking.tasks.arithmetic_chains.task import TASK_NAME, load_task
+from trl_forking.tasks.arithmetic_chains.task import SPLITS, TASK_NAME, load_task
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 PROG = "trl-forking train"
+# Phrases of library messages met while the trainer is built that name a value but not the option it came from.
+LIBRARY_MESSAGE_FIELDS = {"Target modules": "lora_target_modules"}
 
 
 @dataclass
@@ -111,6 +117,18 @@ class ForkingScriptArguments(ScriptArguments):
     )
 
 
+def allowed_options() -> tuple:
+    """Returns the ``trl_forking.scripts.allowed`` table of the script's options (the forking options check
+    themselves in ``ForkingOptions``; the reward options in ``get_reward_funcs``)."""
+    return (
+        *GRPO_OPTIONS,
+        *MODEL_OPTIONS,
+        one_of("report_to", report_to_names()),
+        at_least("max_train_samples", 1, unset="every prompt"),
+        at_least("eval_num_samples", 0, "0 skips the evaluation"),
+    )
+
+
 def make_parser(world_size: int | None = None) -> RecipeParser:
     """Returns the parser of (ForkingScriptArguments, ForkingGRPOConfig, ModelConfig), with CPU-safe defaults.
 
@@ -120,6 +138,7 @@ def make_parser(world_size: int | None = None) -> RecipeParser:
     config_class = ForkingGRPOConfig if world_size is None else planned_config_class(ForkingGRPOConfig, world_size)
     parser = RecipeParser(
         (ForkingScriptArguments, config_class, ModelConfig),
+        allowed=allowed_options(),
         epilog=launch_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -146,7 +165,9 @@ def base_model_recipe(value: str | dict | None) -> BaseModelRecipe:
     allowed = [f.name for f in dataclasses.fields(BaseModelRecipe)]
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
-        raise UsageError(f"base_model_recipe: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f"did you mean {close[0]!r}" if close else f"allowed: {', '.join(allowed)}"
+        raise UsageError(f"base_model_recipe: unknown field {unknown[0]!r}; {hint}")
     with input_errors("base_model_recipe", ValueError, TypeError):
         return BaseModelRecipe(**fields)
 
@@ -157,10 +178,12 @@ def check_inputs(
     model_args: ModelConfig,
     planning: bool = False,
 ) -> None:
-    """Raises ``UsageError`` for input that would otherwise fail later, deep in a library or after training; sets
-    ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a fresh run).
+    """Raises ``UsageError`` for input that would otherwise fail later, deep in a library or after training; creates
+    ``output_dir`` and sets ``training_args.resume_from_checkpoint`` to the checkpoint folder it names (None for a
+    fresh run). The values of single options were checked when they were parsed (``allowed_options``).
 
-    ``planning`` (a dry run) skips what only the launch's machines can tell: whether bitsandbytes runs there.
+    ``planning`` (a dry run) skips what only the launch's machines can tell: whether bitsandbytes runs there, whether
+    ``output_dir`` can be written.
     """
     if model_args.model_name_or_path is not None:
         check_model(model_args.model_name_or_path, revision=model_args.model_revision)
@@ -172,22 +195,27 @@ def check_inputs(
     else:
         base_model_recipe(script_args.base_model_recipe)
     check_quantization(model_args, hardware=not planning)
-    if script_args.dataset_name is not None:
-        check_data_source(script_args.dataset_name, "dataset_name")
-    if script_args.eval_num_samples < 0:
-        raise UsageError(f"eval_num_samples: {script_args.eval_num_samples} must be >= 0 (0 skips the evaluation)")
+    check_lora(model_args)
+    check_training_data(script_args)
     if script_args.eval_num_samples > 0 and script_args.dataset_name not in (None, TASK_NAME):
         raise UsageError(
             f"eval_num_samples: {script_args.eval_num_samples} evaluates on the {TASK_NAME} test split, but "
             f"dataset_name is {script_args.dataset_name!r}; allowed: 0 (no evaluation) or training on the bundled "
             "task (dataset_name unset). Evaluate other models with recipes/eval_aime.py."
         )
-    if script_args.max_train_samples is not None and script_args.max_train_samples < 1:
-        raise UsageError(f"max_train_samples: {script_args.max_train_samples} must be >= 1 (or unset for all)")
+    check_max_steps(training_args.max_steps)
     with input_errors(None, ValueError):  # its messages name reward_funcs / overlong_buffer
         get_reward_funcs(script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer)
+    weights, functions = training_args.reward_weights, script_args.reward_funcs
+    if weights is not None and len(weights) != len(functions):
+        raise UsageError(
+            f"reward_weights: {len(weights)} weight(s) {weights} for the {len(functions)} reward function(s) "
+            f"{functions} of reward_funcs; give one weight per function, or none (each weighs 1)"
+        )
     check_world_size(training_args.distributed_state)
     output_dir, main_process = training_args.output_dir, training_args.process_index == 0
+    if not planning:  # a plan's output_dir is on the launch's machines
+        make_output_dir(output_dir)
     checkpoint = resolve_resume(training_args.resume_from_checkpoint, output_dir)
     training_args.resume_from_checkpoint = checkpoint
     if checkpoint is not None:
@@ -196,6 +224,36 @@ def check_inputs(
         notice = check_output_dir(output_dir, False, script_args.overwrite_output_dir, main_process)
     if notice and main_process:
         print(notice)
+
+
+def _training_data(script_args: ForkingScriptArguments, num_prompts: int) -> tuple[str, str]:
+    """Returns the option that set the training data's size and the data's name, for ``check_run_length``."""
+    name = f"{script_args.dataset_name!r}" if script_args.dataset_name else f"the {TASK_NAME} train split"
+    if script_args.max_train_samples is not None and script_args.max_train_samples == num_prompts:
+        return "max_train_samples", f"{name} cut to max_train_samples"
+    return "dataset_name", name
+
+
+def check_training_data(script_args: ForkingScriptArguments) -> None:
+    """Raises ``UsageError`` for a local dataset file that is missing or empty, for streaming (not supported), and
+    for a configuration or split the bundled task does not have; a Hub dataset is checked when it loads."""
+    if script_args.dataset_streaming:
+        raise UsageError(
+            "dataset_streaming: true is not supported by this script, which loads the training set whole (TRL's "
+            "sampler draws prompts by index); drop it"
+        )
+    if script_args.dataset_name is not None:
+        check_data_source(script_args.dataset_name, "dataset_name")
+    elif script_args.dataset_config is not None:
+        raise UsageError(
+            f"dataset_config: {script_args.dataset_config!r} names a configuration of dataset_name, but dataset_name "
+            f"is unset (the bundled {TASK_NAME} task, which has none); drop it or give dataset_name"
+        )
+    elif script_args.dataset_train_split not in SPLITS:
+        raise UsageError(
+            f"dataset_train_split: {script_args.dataset_train_split!r} is not a split of the bundled {TASK_NAME} "
+            f"task; use one of {list(SPLITS)}"
+        )
 
 
 def task_accuracy(model_name_or_path: str, training_args: ForkingGRPOConfig, num_samples: int) -> dict:
@@ -232,6 +290,19 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
                 f"--datasets {TASK_NAME}."
             )
         evaluate_task = False
+    with training_args.main_process_first(desc="preparing the dataset"), input_errors("dataset_name"):
+        dataset = load_train_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+        )
+    if len(dataset) == 0:
+        split = script_args.dataset_train_split
+        raise UsageError(f"dataset_name: {script_args.dataset_name!r} has no rows in split {split!r}")
+    if script_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
+    # Before the base model builds (1.5 minutes the first time): a dataset too small for one step fails in seconds.
+    notice = check_run_length(len(dataset), training_args, *_training_data(script_args, len(dataset)))
+    if notice and training_args.process_index == 0:
+        print(notice)
     model = model_args.model_name_or_path
     if model is None:
         # One build per node (a child process each); the node's other ranks wait, then find it cached.
@@ -247,21 +318,12 @@ def main(script_args: ForkingScriptArguments, training_args: ForkingGRPOConfig, 
         "attn_implementation": model_args.attn_implementation,
         **(training_args.model_init_kwargs or {}),
     }
-    with training_args.main_process_first(desc="preparing the dataset"), input_errors("dataset_name"):
-        dataset = load_train_dataset(
-            script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
-        )
-    if len(dataset) == 0:
-        split = script_args.dataset_train_split
-        raise UsageError(f"dataset_name: {script_args.dataset_name!r} has no rows in split {split!r}")
-    if script_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(script_args.max_train_samples, len(dataset))))
     reward_funcs = get_reward_funcs(
         script_args.reward_funcs, training_args.max_completion_length, script_args.overlong_buffer
     )
 
     # TRL refusing a combination of options, or vLLM missing; deep enough that the message says how to see where.
-    with input_errors(None, ValueError, ImportError, traceback_hint=True):
+    with input_errors(None, ValueError, ImportError, traceback_hint=True, fields=LIBRARY_MESSAGE_FIELDS):
         trainer = ForkingGRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,

@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "check_data_source",
+    "check_lora",
     "check_model",
     "check_quantization",
     "exit_on_usage_error",
@@ -47,12 +48,16 @@ def one_line(text) -> str:
 
 
 @contextlib.contextmanager
-def input_errors(what: str | None, *types: type[BaseException], traceback_hint: bool = False):
+def input_errors(
+    what: str | None, *types: type[BaseException], traceback_hint: bool = False, fields: dict[str, str] | None = None
+):
     """Re-raises the listed exception types (default ``OSError``, ``ValueError``) as ``UsageError``.
 
     The message is ``"{what}: {error}"``, or the error alone when ``what`` is None (for library messages that name the
-    field already). Wrap only calls whose failures with these types come from the user's input. ``traceback_hint``
-    ends the message with how to see the traceback, for calls deep enough that a bug could raise the same types.
+    field already); ``fields`` maps a phrase of a library message that names a value but not its option to that
+    option, which then leads the message. Wrap only calls whose failures with these types come from the user's input.
+    ``traceback_hint`` ends the message with how to see the traceback, for calls deep enough that a bug could raise
+    the same types.
     """
     caught = types or (OSError, ValueError)
     try:
@@ -61,6 +66,8 @@ def input_errors(what: str | None, *types: type[BaseException], traceback_hint: 
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         message = one_line(error) or type(error).__name__
+        if what is None:
+            what = next((name for phrase, name in (fields or {}).items() if phrase in message), None)
         message = message if what is None else f"{what}: {message}"
         hint = f" ({TRACEBACK_ENV}=1 shows where it was raised)" if traceback_hint else ""
         raise UsageError(message + hint) from error
@@ -170,4 +177,20 @@ def check_quantization(model_args, hardware: bool = True) -> None:
         raise UsageError(
             f"{field}: bitsandbytes quantization needs a CUDA GPU and torch sees none; drop the flag "
             "(--use_peft true alone trains bf16 LoRA adapters anywhere)"
+        )
+
+
+def check_lora(model_args) -> None:
+    """Returns None after checking the ``lora_task_type`` of ``model_args`` (TRL's ``ModelConfig``) against peft's
+    task types when ``use_peft`` is on and peft is installed; raises ``UsageError`` naming the field otherwise (peft's
+    own message names the value only, and comes when the trainer is built)."""
+    if not model_args.use_peft or importlib.util.find_spec("peft") is None:
+        return
+    from peft import TaskType
+
+    allowed = [task.value for task in TaskType]
+    if model_args.lora_task_type not in allowed:
+        raise UsageError(
+            f"lora_task_type: {model_args.lora_task_type!r} is not allowed; use one of {allowed} (CAUSAL_LM for the "
+            "language models GRPO trains)"
         )
