@@ -32,7 +32,7 @@ from trl_forking.analysis.study import compare_runs, format_table
 from trl_forking.evaluation.callback import HeldOutEvaluationCallback
 from trl_forking.evaluation.records import Arm, write_run_info
 from trl_forking.rewards import get_reward_funcs
-from trl_forking.scripts.allowed import GRPO_OPTIONS, SEED_RANGE, at_least, between, one_of, report_to_names
+from trl_forking.scripts.allowed import GRPO_OPTIONS, at_least, one_of, report_to_names, seed_value
 from trl_forking.scripts.console import quiet_known_noise
 from trl_forking.scripts.launch import cpu_defaults, world_size
 from trl_forking.scripts.recipe_args import RecipeParser
@@ -286,16 +286,15 @@ def run_study(
 def allowed_options() -> tuple:
     """Returns the ``trl_forking.scripts.allowed`` table of the study's options: the training options of
     recipes/grpo_forking.py, a positive ``max_steps`` (arms are compared at fixed steps) and the evaluation's."""
-    seeds = f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
     return (
         *GRPO_OPTIONS,
         one_of("report_to", report_to_names()),
         at_least("max_steps", 1, "every run trains this many steps; the arms are compared at the same steps"),
-        between("seeds", seeds),
+        seed_value("seeds"),
         at_least("eval_every", 0, "0 evaluates before and after training only"),
         at_least("eval_num_problems", 1, unset="the whole test split"),
         at_least("eval_num_samples", 1, "completions per test problem"),
-        between("eval_seed", seeds),
+        seed_value("eval_seed"),
     )
 
 

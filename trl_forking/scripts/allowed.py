@@ -29,6 +29,7 @@ __all__ = [
     "one_of",
     "problem",
     "report_to_names",
+    "seed_value",
 ]
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's seed range, which transformers' set_seed passes every seed to
@@ -123,6 +124,11 @@ def one_of(name: str, choices: Iterable, meaning: str = "") -> Allowed:
     return Allowed(name, choices=tuple(choices), meaning=meaning)
 
 
+def seed_value(name: str, unset: str | None = None) -> Allowed:
+    """A seed: an integer in ``SEED_RANGE``."""
+    return Allowed(name, *SEED_RANGE, unset=unset, integer=True)
+
+
 def problem(allowed: Iterable[Allowed], values: dict) -> tuple[str, str] | None:
     """Returns ``(name, message)`` for the first option of ``allowed`` whose value in ``values`` (a mapping of name
     to parsed value; a list is checked element by element) is not allowed, or None when every one is."""
@@ -181,8 +187,8 @@ GRPO_OPTIONS = (
     between("adam_beta1", "[0, 1)"),
     between("adam_beta2", "[0, 1)"),
     at_least("adam_epsilon", 0),
-    between("seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
-    between("data_seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]", unset="the seed"),
+    seed_value("seed"),
+    seed_value("data_seed", unset="the seed"),
     # vLLM
     one_of("vllm_mode", ("colocate", "server")),
     one_of("vllm_importance_sampling_mode", ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")),

@@ -27,7 +27,7 @@ from ..defaults import (
     DEFAULT_TOP_TOKENS,
     DEFAULT_WIDTH,
 )
-from .allowed import SEED_RANGE, above, at_least, between
+from .allowed import above, at_least, between, seed_value
 
 __all__ = ["SCRIPTS", "build_parser", "main"]
 
@@ -108,8 +108,9 @@ def _common() -> argparse.ArgumentParser:
         "--max-new-tokens", type=_number("max-new-tokens"), default=DEFAULT_MAX_NEW_TOKENS, help="completion length cap"
     )
     sampling.add_argument("--top-p", type=_unit_interval("top-p"), default=1.0, help="nucleus sampling (default: 1)")
-    seed = between("seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]").argparse_type(int)
-    sampling.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
+    sampling.add_argument(
+        "--seed", type=seed_value("seed").argparse_type(int), default=0, help="sampling seed (default: 0)"
+    )
     sampling.add_argument("--chat-template", action="store_true", help="wrap string prompts in a chat user turn")
     parent.add_argument(
         "--rho",

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from trl_forking.data import load_math_eval
 from trl_forking.evaluation import generate_completions, score_problem, summarize
-from trl_forking.scripts.allowed import SEED_RANGE, above, at_least, between
+from trl_forking.scripts.allowed import above, at_least, between, seed_value
 from trl_forking.scripts.recipe_args import RecipeParser
 from trl_forking.scripts.run_dir import make_output_dir
 from trl_forking.scripts.usage import (
@@ -52,7 +52,7 @@ ALLOWED = (
     at_least("batch_size", 1, "completions generated at once"),
     at_least("tensor_parallel_size", 1, "GPUs per vLLM replica"),
     at_least("limit", 1, unset="every problem"),
-    between("seed", f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
+    seed_value("seed"),
 )
 
 
