@@ -123,3 +123,15 @@ def test_the_progress_line_prints_a_metric_logged_as_none(capsys):
     first, second = capsys.readouterr().out.splitlines()
     assert "step 1/4  reward 0.250  threshold n/a" in first
     assert "reward n/a  threshold n/a" in second
+
+
+def test_quick_fills_only_the_options_the_command_line_leaves_unset():
+    # --quick used to replace the arms, seeds and evaluation flags given with it, without a word.
+    script = _script()
+    study, argv = script.with_quick(script.AblationArguments(quick=True), ["--arms", "top:0.2", "all", "--max_steps=7"])
+    assert argv == ["--arms", "top:0.2", "all", "--max_steps=7"]  # max_steps given: not appended
+    assert study.seeds == script.QUICK["seeds"] and study.eval_num_problems == script.QUICK["eval_num_problems"]
+    assert study.arms == script.AblationArguments().arms  # the parsed --arms would be here; QUICK's are not imposed
+    study, argv = script.with_quick(script.AblationArguments(quick=True, seeds=[5]), ["--seeds", "5"])
+    assert study.seeds == [5] and study.arms == script.QUICK["arms"]
+    assert argv == ["--seeds", "5", "--max_steps", str(script.QUICK["max_steps"])]

@@ -77,7 +77,10 @@ class AblationArguments:
     )
     quick: bool = field(
         default=False,
-        metadata={"help": "Reduced grid for a smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())},
+        metadata={
+            "help": "Reduced grid for a smoke test, for the options not given with it: "
+            + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+        },
     )
 
 
@@ -283,6 +286,16 @@ def run_study(
     return summary
 
 
+def with_quick(study: AblationArguments, argv: list[str]) -> tuple[AblationArguments, list[str]]:
+    """Returns ``study`` and ``argv`` with the ``QUICK`` values of the options the command line leaves unset (flags
+    given with ``--quick`` win: ``--quick --arms top:0.2 all`` keeps those two arms)."""
+    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    quick = {name: value for name, value in QUICK.items() if name not in given}
+    if "max_steps" in quick:
+        argv = [*argv, "--max_steps", str(quick.pop("max_steps"))]
+    return dataclasses.replace(study, **quick), argv
+
+
 def allowed_options() -> tuple:
     """Returns the ``trl_forking.scripts.allowed`` table of the study's options: the training options of
     recipes/grpo_forking.py, a positive ``max_steps`` (arms are compared at fixed steps) and the evaluation's."""
@@ -311,8 +324,7 @@ def main(argv: list[str]) -> dict:
         parser.set_defaults(**cpu_defaults())  # bf16 and pinned memory off, as in recipes/grpo_forking.py
     study, training = parser.parse_recipe(argv, DEFAULT_CONFIG)
     if study.quick:
-        study = dataclasses.replace(study, **{k: v for k, v in QUICK.items() if k != "max_steps"})
-        argv = [*argv, "--max_steps", str(QUICK["max_steps"])]
+        study, argv = with_quick(study, argv)
         training = parser.parse_recipe(argv, DEFAULT_CONFIG)[1]
 
     def run_args(**overrides) -> ForkingGRPOConfig:
